@@ -1,0 +1,64 @@
+# grafccsr — every Python target installs .venv/ first (only when pyproject.toml changed).
+# `make help` lists the targets.
+
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.install-stamp
+
+ARGS   ?=
+STUDY  ?= memory_quality
+TRIALS ?=
+WORKERS ?= 1
+DEVICE ?= cpu
+NAME   ?=
+PORT   ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow train smoke sweep ablation report bench estimate ui clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: ARGS='hydra overrides'  STUDY=smoke|memory_quality  TRIALS=N  WORKERS=N  DEVICE=cpu|cuda"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv/ with `pip install -e .[dev]` (re-runs only when pyproject.toml changed)
+
+test: install ## run the test suite (fast tests; slow and gpu tests are opt-in)
+	$(PY) -m pytest $(ARGS)
+
+test-slow: install ## run the slow tests too
+	$(PY) -m pytest -m "slow or not slow" $(ARGS)
+
+train: install ## train the default job on the embedded dataset (CPU: ~15 min); ARGS='+exp=amp_bs8 ...'
+	$(PY) -m grafccsr.train $(ARGS)
+
+smoke: install ## a seconds-long end-to-end training run
+	$(PY) -m grafccsr.train +exp=smoke $(ARGS)
+
+sweep: install ## Optuna study: STUDY=smoke|memory_quality TRIALS=N WORKERS=N
+	$(PY) -m grafccsr.sweep sweeps/$(STUDY).yaml $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS) $(ARGS)
+
+ablation: install ## the memory guide's items one by one (CPU preset; ARGS for overrides)
+	$(PY) -m analysis.ablation $(ARGS)
+
+report: install ## write reports/<name>/report.md from MLflow runs (NAME=experiment or sweep)
+	$(PY) -m analysis.report $(if $(NAME),--name $(NAME)) $(ARGS)
+
+bench: install ## speed/memory benchmark table vs the original preset (DEVICE=cpu|cuda)
+	$(PY) -m grafccsr.bench --device $(DEVICE) $(ARGS)
+
+estimate: install ## CUDA peak-memory estimate without a GPU: ARGS='+exp=amp_bs8'
+	$(PY) -m grafccsr.memory estimate $(ARGS)
+
+ui: install ## MLflow UI on the project's store (sqlite:///mlflow.db)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(PORT)
+
+clean: ## remove runs, reports, caches (keeps .venv/, mlflow.db and data/)
+	rm -rf runs reports outputs multirun .pytest_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
