@@ -1,0 +1,79 @@
+"""GRAF's DCGAN-style patch discriminator, with optional class input and aux classifier."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from grafccsr.config import DiscriminatorConfig
+
+_MIN_SIZE, _MAX_SIZE = 16, 256
+
+
+class PatchDiscriminator(nn.Module):
+    """Patches (B, 3, S, S) -> real/fake logits (B,) (+ aux class logits (B, K)).
+
+    S must be a power of two in [16, 256]. 4x4 stride-2 convs halve S down to 4
+    (channels base * 2^k, capped at ``max_channels``), each followed by the norm
+    layer (not after the first) and LeakyReLU 0.2; a final 4x4 conv gives one
+    logit. Spectral norm wraps every conv when ``cfg.spectral_norm``.
+    With ``class_conditioning`` and more than one class, the class one-hot enters as
+    constant extra input channels. With ``aux_classifier``, a second 4x4 head gives
+    ``sum(n_each_task)`` logits (one task over the classes if ``n_each_task`` is empty).
+    """
+
+    def __init__(self, cfg: DiscriminatorConfig, input_size: int, num_classes: int):
+        super().__init__()
+        if not (_MIN_SIZE <= input_size <= _MAX_SIZE and input_size & (input_size - 1) == 0):
+            raise ValueError(
+                f"discriminator input size {input_size} is not supported: it must be a power of two "
+                f"in [{_MIN_SIZE}, {_MAX_SIZE}]"
+            )
+        self.cfg = cfg
+        self.input_size = input_size
+        self.num_classes = num_classes
+        self.class_channels = num_classes if (cfg.class_conditioning and num_classes > 1) else 0
+        self._n_each_task = list(cfg.n_each_task) or [num_classes]
+
+        blocks: list[nn.Module] = []
+        in_channels, size, level = 3 + self.class_channels, input_size, 0
+        while size > 4:
+            out_channels = min(cfg.base_channels * 2**level, cfg.max_channels)
+            blocks.append(self._conv(in_channels, out_channels, 4, 2, 1))
+            if level > 0:
+                blocks.append(self._norm(out_channels))
+            blocks.append(nn.LeakyReLU(0.2))
+            in_channels, size, level = out_channels, size // 2, level + 1
+        self.body = nn.Sequential(*blocks)
+        self.head = self._conv(in_channels, 1, 4, 1, 0)
+        self.aux_head = self._conv(in_channels, sum(self._n_each_task), 4, 1, 0) if cfg.aux_classifier else None
+
+    @property
+    def n_each_task(self) -> list[int]:
+        """Logit slice size of each auxiliary task."""
+        return list(self._n_each_task)
+
+    def _conv(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> nn.Module:
+        conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding)
+        return spectral_norm(conv) if self.cfg.spectral_norm else conv
+
+    def _norm(self, channels: int) -> nn.Module:
+        if self.cfg.norm == "instance":
+            return nn.InstanceNorm2d(channels, affine=True)
+        if self.cfg.norm == "batch":
+            return nn.BatchNorm2d(channels)
+        if self.cfg.norm == "none":
+            return nn.Identity()
+        raise ValueError(f"model.discriminator.norm={self.cfg.norm!r} must be instance, batch or none")
+
+    def forward(self, x: torch.Tensor, class_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, 3, S, S), class_idx (B,) int64 -> logits (B,), aux logits (B, K) or None."""
+        if self.class_channels:
+            one_hot = F.one_hot(class_idx, self.num_classes).to(x.dtype)
+            x = torch.cat([x, one_hot[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
+        features = self.body(x)
+        logits = self.head(features).flatten(1).squeeze(1)
+        aux_logits = self.aux_head(features).flatten(1) if self.aux_head is not None else None
+        return logits, aux_logits

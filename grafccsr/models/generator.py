@@ -1,0 +1,149 @@
+"""The generator: class-conditioned radiance field rendered into patches, plus optional CCSR."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grafccsr.camera import pose_matrix, rays_from_grid
+from grafccsr.config import CameraConfig, ModelConfig
+from grafccsr.models.ccsr import CCSR
+from grafccsr.models.field import RadianceField
+from grafccsr.models.render import density_noise_std, render_rays
+from grafccsr.models.rays import upsample_grid
+
+_CLASS_EMBEDDING_STD = 0.1
+"""Class embeddings start as a small offset of z (~N(0, 1)), so early training
+behaves like unconditional GRAF and classes separate as the embedding learns."""
+
+
+class Generator(nn.Module):
+    """z (B, z_dim) + class (B,) + camera + patch grid -> rendered patch (and its SR).
+
+    Sub-modules: ``field`` (:class:`RadianceField`), ``class_embedding``
+    (``nn.Embedding(num_classes, z_dim)`` or None) and ``ccsr`` (:class:`CCSR`, or
+    None when ``model.ccsr.mode == "off"``).
+    """
+
+    def __init__(self, model: ModelConfig, camera: CameraConfig, num_classes: int, image_size: int):
+        super().__init__()
+        self.model_cfg = model
+        self.camera = camera
+        self.z_dim = model.z_dim
+        self.field = RadianceField(model.field)
+        self.class_embedding: nn.Embedding | None = None
+        if model.field.class_conditioning:
+            self.class_embedding = nn.Embedding(num_classes, model.z_dim)
+            nn.init.normal_(self.class_embedding.weight, std=_CLASS_EMBEDDING_STD)
+        self.ccsr: CCSR | None = None
+        if model.ccsr.mode != "off":
+            self.ccsr = CCSR(model.ccsr, model.ccsr.code_resolution or image_size)
+
+    def sample_z(
+        self, batch: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Standard-normal latent codes (B, z_dim) (float32; ``generator`` on ``device``)."""
+        return torch.randn(batch, self.z_dim, generator=generator, device=device, dtype=torch.float32)
+
+    def condition(self, z: torch.Tensor, class_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, z_dim) + class embedding (per sample) -> z_shape (B, Zs), z_appearance (B, Za)."""
+        if self.class_embedding is not None:
+            z = z + self.class_embedding(class_idx).to(z.dtype)
+        return z.split([self.model_cfg.field.z_shape_dim, self.model_cfg.field.z_appearance_dim], dim=-1)
+
+    def render(
+        self,
+        z: torch.Tensor,
+        class_idx: torch.Tensor,
+        c2w: torch.Tensor,
+        grid: torch.Tensor,
+        iteration: int,
+        *,
+        perturb: bool = True,
+        render_chunk: int = 0,
+        grad_checkpoint: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Render patches at camera-to-world c2w (B, 4, 4) through grid (B, P, P, 2).
+
+        ``perturb=True`` is training: jittered samples (if ``model.render.perturb``)
+        and density noise at ``density_noise_std(iteration)``; ``perturb=False``
+        (evaluation) is deterministic and noise-free.
+        Returns rgb (B, 3, P, P) in [-1, 1], depth and acc (B, 1, P, P).
+        """
+        cfg = self.model_cfg.render
+        b, rows, cols, _ = grid.shape
+        origins, directions = rays_from_grid(c2w, grid, self.camera.fov_deg)
+        z_shape, z_appearance = self.condition(z, class_idx)
+        out = render_rays(
+            self.field,
+            origins,
+            directions,
+            z_shape,
+            z_appearance,
+            near=self.camera.near,
+            far=self.camera.far,
+            samples_per_ray=cfg.samples_per_ray,
+            importance_samples=cfg.importance_samples,
+            perturb=perturb and cfg.perturb,
+            noise_std=density_noise_std(cfg, iteration) if perturb else 0.0,
+            white_background=cfg.white_background,
+            chunk=render_chunk,
+            grad_checkpoint=grad_checkpoint,
+            generator=generator,
+        )
+        return {
+            "rgb": out["rgb"].transpose(1, 2).reshape(b, 3, rows, cols),
+            "depth": out["depth"].reshape(b, 1, rows, cols),
+            "acc": out["acc"].reshape(b, 1, rows, cols),
+        }
+
+    def super_resolve(
+        self, rgb: torch.Tensor, u: torch.Tensor, hr_grid: torch.Tensor, *, no_grad: bool = False
+    ) -> torch.Tensor:
+        """CCSR of rendered patches: rgb (B, 3, P, P), azimuth fractions u (B,), hr_grid
+        (B, sP, sP, 2) (:func:`upsample_grid` of the render grid) -> sr (B, 3, sP, sP).
+
+        WARNING — ``no_grad=True`` is memory-guide item 9 exactly as written: CCSR runs
+        under ``torch.no_grad()`` and its output is then marked ``requires_grad_(True)``.
+        That output is a NEW LEAF: no gradient reaches the CCSR codes, the SR network or
+        the radiance field through this path, so the CCSR NEVER LEARNS and the
+        consistency loss trains nothing. It exists to measure what the item costs.
+        """
+        if self.ccsr is None:
+            raise RuntimeError("super_resolve needs model.ccsr.mode != 'off'")
+        view_idx = self.ccsr.view_index(u)
+        if not no_grad:
+            return self.ccsr(rgb, view_idx, hr_grid)
+        with torch.no_grad():
+            sr = self.ccsr(rgb, view_idx, hr_grid)
+        return sr.requires_grad_(True)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        class_idx: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        grid: torch.Tensor,
+        iteration: int,
+        *,
+        perturb: bool = True,
+        render_chunk: int = 0,
+        grad_checkpoint: bool = False,
+        ccsr_no_grad: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Render at poses (u, v) (B,) through grid (B, P, P, 2), then super-resolve if CCSR is on.
+
+        Returns :meth:`render`'s dict, plus ``sr`` (B, 3, sP, sP) when ``self.ccsr`` exists.
+        """
+        c2w = pose_matrix(u, v, self.camera.radius)
+        out = self.render(
+            z, class_idx, c2w, grid, iteration,
+            perturb=perturb, render_chunk=render_chunk, grad_checkpoint=grad_checkpoint, generator=generator,
+        )
+        if self.ccsr is not None:
+            hr_grid = upsample_grid(grid, self.ccsr.scale)
+            out["sr"] = self.super_resolve(out["rgb"], u, hr_grid, no_grad=ccsr_no_grad)
+        return out

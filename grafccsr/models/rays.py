@@ -1,0 +1,120 @@
+"""Patch sampling: which image points a generator patch (and its real counterpart) covers.
+
+A patch is a P x P grid of normalised image points (B, P, P, 2) in [-1, 1]
+(x right, y down; ``F.grid_sample`` with ``align_corners=False``). The same grid
+casts the generator's rays (:func:`grafccsr.camera.rays_from_grid`) and samples
+the real image (:func:`sample_patches`), so real and fake patches show the same
+region at the same resolution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from grafccsr.camera import full_grid
+from grafccsr.config import PatchConfig
+
+
+class PatchSampler:
+    """GRAF's multi-scale patch sampler (or graf_ccsr's whole-image thumbnail).
+
+    ``multiscale``: per sample a scale s ~ U[s_min(it), max_scale] (the fraction of
+    the image side the patch spans) and a shift keeping the patch inside the image.
+    ``full``: scale 1, no shift, the P x P pixel-centre grid of the whole image.
+    """
+
+    def __init__(self, cfg: PatchConfig):
+        side = math.isqrt(cfg.rays_per_patch)
+        if side * side != cfg.rays_per_patch:
+            raise ValueError(
+                f"model.patch.rays_per_patch={cfg.rays_per_patch} is not a perfect square "
+                f"(nearest: {side * side} or {(side + 1) ** 2})"
+            )
+        if cfg.sampling not in ("multiscale", "full"):
+            raise ValueError(f"model.patch.sampling={cfg.sampling!r} must be 'multiscale' or 'full'")
+        self.cfg = cfg
+        self.side = side
+
+    def min_scale_at(self, iteration: int) -> float:
+        """s_min(it) = max(min_scale, max_scale * exp(-scale_anneal * (it // anneal_every)))."""
+        c = self.cfg
+        steps = iteration // c.anneal_every
+        return max(c.min_scale, c.max_scale * math.exp(-c.scale_anneal * steps))
+
+    def sample(
+        self,
+        batch: int,
+        iteration: int,
+        device: torch.device | str,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw patch grids (B, P, P, 2) and their scales (B,).
+
+        ``generator`` must live on ``device``.
+        """
+        base = full_grid(self.side, 1, device=device, dtype=dtype)
+        if self.cfg.sampling == "full":
+            return base.expand(batch, -1, -1, -1).clone(), torch.ones(batch, device=device, dtype=dtype)
+        s_min, s_max = self.min_scale_at(iteration), self.cfg.max_scale
+        draws = torch.rand(batch, 3, generator=generator, device=device, dtype=dtype)
+        scale = s_min + (s_max - s_min) * draws[:, 0]
+        # the patch spans [shift - scale, shift + scale] per axis, so |shift| <= 1 - scale keeps it inside
+        shift = (1.0 - scale)[:, None] * (2.0 * draws[:, 1:] - 1.0)
+        grid = base * scale[:, None, None, None] + shift[:, None, None, :]
+        return grid, scale
+
+
+def upsample_grid(grid: torch.Tensor, factor: int) -> torch.Tensor:
+    """The grid covering the same region at ``factor`` x the density.
+
+    grid: (B, P, P, 2) regular axis-aligned grid of cell centres (P >= 2), as made by
+    :class:`PatchSampler`. Returns (B, factor*P, factor*P, 2): each point becomes a
+    factor x factor block of sub-cell centres, so the new grid is again a grid of
+    cell centres over the same region (``upsample_grid(full_grid(P), f) == full_grid(f*P)``).
+    """
+    b, rows, cols, _ = grid.shape
+    spacing_x = grid[:, 0, 1, 0] - grid[:, 0, 0, 0]
+    spacing_y = grid[:, 1, 0, 1] - grid[:, 0, 0, 1]
+    offsets = (torch.arange(factor, device=grid.device, dtype=grid.dtype) + 0.5) / factor - 0.5
+    # new point (i, k_i, j, k_j) = old point (i, j) + sub-cell offset (k_j along x, k_i along y)
+    x = grid[:, :, None, :, None, 0] + spacing_x[:, None, None, None, None] * offsets[None, None, None, None, :]
+    y = grid[:, :, None, :, None, 1] + spacing_y[:, None, None, None, None] * offsets[None, None, :, None, None]
+    x, y = torch.broadcast_tensors(x, y)
+    return torch.stack((x, y), dim=-1).reshape(b, rows * factor, cols * factor, 2)
+
+
+def sample_patches(images: torch.Tensor, grid: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+    """Bilinearly sample images (B, 3, H, W) at grid (B, P, P, 2) -> patches (B, 3, P, P).
+
+    With ``antialias`` the images are prefiltered like a mip-map: a pyramid of
+    2x area downsamplings is sampled at every level, and each sample blends the two
+    levels around log2(its grid spacing in pixels). A patch whose points lie k
+    pixels apart therefore sees k x k pixel averages instead of aliased point
+    samples (a coarse patch would otherwise show the D detail the generator cannot
+    render at that ray density). Spacing <= 1 pixel uses the full-resolution image.
+    """
+    if not antialias:
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    height, width = images.shape[-2:]
+    side = grid.shape[1]
+    # the coarsest level needed: a whole-image patch has spacing W / P pixels
+    num_levels = 1 + max(0, (max(height, width) // side).bit_length() - 1)
+    spacing_px = torch.maximum(
+        (grid[:, 0, 1, 0] - grid[:, 0, 0, 0]).abs() * (0.5 * width),
+        (grid[:, 1, 0, 1] - grid[:, 0, 0, 1]).abs() * (0.5 * height),
+    )
+    level = torch.log2(spacing_px.clamp(min=1.0)).clamp(max=num_levels - 1)
+    patches = 0.0
+    level_images = images
+    for k in range(num_levels):
+        if k > 0:
+            h, w = level_images.shape[-2:]
+            level_images = F.interpolate(level_images, size=(max(1, h // 2), max(1, w // 2)), mode="area")
+        weight = (1.0 - (level - k).abs()).clamp(min=0.0)  # (B,): linear blend between adjacent levels
+        sampled = F.grid_sample(level_images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        patches = patches + weight[:, None, None, None] * sampled
+    return patches

@@ -1,0 +1,1 @@
+"""Training: losses, AMP policy, the D/G step, the loop, checkpoints."""
