@@ -1,0 +1,1 @@
+"""Memory measurement (tracker) and estimation."""

@@ -1,0 +1,320 @@
+"""One GAN training iteration: a discriminator step and a generator step.
+
+The step holds no global state: models, optimisers, scalers and its own random
+generator live on the :class:`GanStep` object, so several can coexist (tests,
+benchmarks, a future DDP wrapper). Nothing here calls ``.item()`` or branches on
+tensor values unless ``check_finite`` asks for it, so the whole step also runs
+under ``FakeTensorMode`` (the memory estimator).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from grafccsr.camera import pose_matrix
+from grafccsr.config import Config, ConfigError
+from grafccsr.models.ccsr import consistency_weight
+from grafccsr.models.poses import poses_from_labels, sample_random_poses
+from grafccsr.models.rays import PatchSampler, sample_patches, upsample_grid
+from grafccsr.training.amp import AmpPolicy, amp_policy
+from grafccsr.training.losses import (
+    MultiTaskCrossEntropy,
+    ccsr_consistency_loss,
+    d_loss,
+    g_loss,
+    r1_penalty,
+)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or Inf; the update was not applied."""
+
+    def __init__(self, name: str, iteration: int, value: float) -> None:
+        super().__init__(f"loss '{name}' is {value} at iteration {iteration}")
+        self.name, self.iteration, self.value = name, iteration, value
+
+
+@dataclass
+class Batch:
+    """A batch of real data on the training device.
+
+    images: (B, 3, H, W) in [-1, 1]; labels: (B, 3) int64 = (class, elev_idx, azimuth_deg).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def split(self, parts: int) -> List["Batch"]:
+        return [Batch(i, lab) for i, lab in zip(self.images.chunk(parts), self.labels.chunk(parts))]
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Stop gradients into ``module`` for the duration (restores each flag)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def build_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=t.rmsprop_alpha, eps=t.optim_eps, foreach=True)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(t.adam_betas), eps=t.optim_eps, foreach=True)
+
+
+class GanStep:
+    """Optimisers, scalers, EMA and the D/G update rules for one training run."""
+
+    def __init__(self, cfg: Config, generator: nn.Module, discriminator: nn.Module, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.generator = generator
+        self.discriminator = discriminator
+        self.generator_ema: Optional[nn.Module] = None
+        if cfg.train.ema_beta > 0:
+            self.generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
+        self.opt_g = build_optimizer(generator.parameters(), cfg.train.lr_g, cfg)
+        self.opt_d = build_optimizer(discriminator.parameters(), cfg.train.lr_d, cfg)
+        self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, cfg.train.lr_milestones, cfg.train.lr_gamma)
+        self.sched_d = torch.optim.lr_scheduler.MultiStepLR(self.opt_d, cfg.train.lr_milestones, cfg.train.lr_gamma)
+        self.policy: AmpPolicy = amp_policy(cfg.train.amp, device)
+        self.scaler_g = self.policy.make_scaler()
+        self.scaler_d = self.policy.make_scaler()
+        self.patch_sampler = PatchSampler(cfg.model.patch)
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(cfg.train.seed)
+        self.aux_loss: Optional[MultiTaskCrossEntropy] = None
+        if cfg.model.discriminator.aux_classifier:
+            tasks = list(discriminator.n_each_task)
+            if len(tasks) != 1:
+                raise ConfigError(
+                    f"model.discriminator.n_each_task={tasks}: targets for several tasks need a class-to-task "
+                    "table, which the datasets do not provide yet; use one task (the class)"
+                )
+            self.aux_loss = MultiTaskCrossEntropy(tasks)
+
+    # ----------------------------------------------------------------- helpers
+
+    @property
+    def ccsr_mode(self) -> str:
+        return self.cfg.model.ccsr.mode
+
+    def modules_and_optimizers(self) -> Tuple:
+        return (self.generator, self.discriminator, self.generator_ema, self.opt_g, self.opt_d)
+
+    def _poses(self, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.model.pose.mode == "known":
+            return poses_from_labels(labels, self.cfg.data.elevation_v)
+        return sample_random_poses(labels.shape[0], self.cfg.model.pose, self.device, generator=self.rng)
+
+    def _grids(self, batch: int, iteration: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Patch grid (B,P,P,2) and, when CCSR runs, the same region at scale x density."""
+        grid, _ = self.patch_sampler.sample(batch, iteration, self.device, generator=self.rng)
+        hr_grid = upsample_grid(grid, self.cfg.model.ccsr.scale) if self.ccsr_mode != "off" else None
+        return grid, hr_grid
+
+    def draw_fakes(self, labels: torch.Tensor, iteration: int) -> Dict[str, torch.Tensor]:
+        """The random inputs of a batch of fakes: z, pose (u, v), patch grid(s).
+
+        Drawn for the whole batch before it is split into micro-batches, so that
+        gradient accumulation sees exactly the inputs the full batch would.
+        """
+        z = self.generator.sample_z(labels.shape[0], self.device, generator=self.rng)
+        u, v = self._poses(labels)
+        grid, hr_grid = self._grids(labels.shape[0], iteration)
+        inputs = {"labels": labels, "z": z, "u": u, "v": v, "grid": grid}
+        if hr_grid is not None:
+            inputs["hr_grid"] = hr_grid
+        return inputs
+
+    def real_patches(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
+        """Real patches at the discriminator's resolution (scale*P in CCSR discriminator mode)."""
+        grid, hr_grid = self._grids(images.shape[0], iteration)
+        target = hr_grid if self.ccsr_mode == "discriminator" else grid
+        return sample_patches(images, target, antialias=self.cfg.model.patch.antialias)
+
+    def render_fakes(self, inputs: Dict[str, torch.Tensor], iteration: int) -> Dict[str, torch.Tensor]:
+        """Render fakes for ``draw_fakes`` inputs; runs CCSR when enabled.
+
+        Returns ``rgb`` (B,3,P,P), ``sr`` (B,3,sP,sP) when CCSR runs, and ``d_input`` (what D sees).
+        """
+        g, mem, policy = self.generator, self.cfg.memory, self.policy
+        c2w = pose_matrix(inputs["u"], inputs["v"], self.cfg.data.camera.radius)
+        with policy.autocast(policy.render):
+            out = g.render(
+                inputs["z"], inputs["labels"][:, 0], c2w, inputs["grid"], iteration,
+                perturb=self.cfg.model.render.perturb,
+                render_chunk=mem.render_chunk,
+                grad_checkpoint=mem.grad_checkpoint,
+                generator=self.rng,
+            )
+        fakes = {"rgb": out["rgb"], "d_input": out["rgb"]}
+        if self.ccsr_mode != "off":
+            with policy.autocast(policy.sr):
+                fakes["sr"] = g.super_resolve(out["rgb"], inputs["u"], inputs["hr_grid"], no_grad=mem.ccsr_no_grad)
+            if self.ccsr_mode == "discriminator":
+                fakes["d_input"] = fakes["sr"]
+        return fakes
+
+    @staticmethod
+    def _split(inputs: Dict[str, torch.Tensor], parts: int) -> List[Dict[str, torch.Tensor]]:
+        chunks = {k: v.chunk(parts) for k, v in inputs.items()}
+        return [{k: chunks[k][i] for k in inputs} for i in range(parts)]
+
+    def _check(self, name: str, value: torch.Tensor, iteration: int) -> bool:
+        """True if finite. With nan_policy=stop, raise instead of returning False."""
+        if bool(torch.isfinite(value)):
+            return True
+        if self.cfg.train.nan_policy == "stop":
+            raise NonFiniteLoss(name, iteration, float(value))
+        return False
+
+    # ----------------------------------------------------------------- D step
+
+    def d_step(self, batch: Batch, iteration: int, check_finite: bool = True) -> Dict[str, torch.Tensor]:
+        cfg, mem, policy, d = self.cfg, self.cfg.memory, self.policy, self.discriminator
+        if iteration == cfg.train.inject_oom_at:
+            raise torch.OutOfMemoryError(f"injected out-of-memory at iteration {iteration} (train.inject_oom_at)")
+        accum = cfg.train.grad_accum_steps
+        r1_now = cfg.train.r1_gamma > 0 and iteration % cfg.train.r1_every == 0
+        self.opt_d.zero_grad(set_to_none=mem.set_to_none)
+        sums = {k: torch.zeros((), device=self.device) for k in ("loss/d", "loss/r1", "loss/aux_d", "d/real_logit", "d/fake_logit")}
+        reals = self.real_patches(batch.images, iteration).chunk(accum)
+        fake_inputs = self._split(self.draw_fakes(batch.labels, iteration), accum)
+        for micro, real, inputs in zip(batch.split(accum), reals, fake_inputs):
+            class_idx = micro.labels[:, 0]
+            if r1_now:
+                real.requires_grad_(True)
+            # R1 needs the real forward in FP32, so autocast stays off for it on R1 steps.
+            with policy.autocast(policy.discriminator and not r1_now):
+                real_logits, real_aux = d(real, class_idx)
+            if mem.fakes_without_graph:
+                with torch.no_grad():
+                    fake = self.render_fakes(inputs, iteration)["d_input"]
+            else:
+                fake = self.render_fakes(inputs, iteration)["d_input"]
+            with policy.autocast(policy.discriminator):
+                fake_logits, _ = d(fake.detach(), class_idx)
+            if mem.eager_free:
+                del fake  # frees the generator's graph (if any) before D's backward
+            loss = d_loss(real_logits.float(), fake_logits.float())
+            total = loss
+            if self.aux_loss is not None:
+                aux = self.aux_loss(real_aux.float(), class_idx[:, None])
+                total = total + cfg.train.aux_weight * aux
+                sums["loss/aux_d"] += aux.detach() / accum
+            if r1_now:
+                r1 = r1_penalty(real_logits, real)
+                total = total + 0.5 * cfg.train.r1_gamma * cfg.train.r1_every * r1
+                sums["loss/r1"] += r1.detach() / accum
+            if iteration == cfg.train.inject_nan_at:
+                total = total * float("nan")
+            sums["loss/d"] += total.detach() / accum
+            sums["d/real_logit"] += real_logits.detach().float().mean() / accum
+            sums["d/fake_logit"] += fake_logits.detach().float().mean() / accum
+            self.scaler_d.scale(total / accum).backward()
+            if mem.eager_free:
+                del real, real_logits, real_aux, fake_logits, loss, total
+        if check_finite and not self._check("loss/d", sums["loss/d"], iteration):
+            self.opt_d.zero_grad(set_to_none=True)
+            sums["skipped"] = torch.ones(())
+            return sums
+        self.scaler_d.step(self.opt_d)
+        self.scaler_d.update()
+        self.sched_d.step()
+        return sums
+
+    # ----------------------------------------------------------------- G step
+
+    def g_step(self, batch: Batch, iteration: int, check_finite: bool = True) -> Dict[str, torch.Tensor]:
+        cfg, mem, policy, d = self.cfg, self.cfg.memory, self.policy, self.discriminator
+        accum = cfg.train.grad_accum_steps
+        self.opt_g.zero_grad(set_to_none=mem.set_to_none)
+        sums = {k: torch.zeros((), device=self.device) for k in ("loss/g", "loss/ccsr", "loss/aux_g")}
+        alpha = consistency_weight(cfg.model.ccsr, iteration)
+        fake_inputs = self._split(self.draw_fakes(batch.labels, iteration), accum)
+        with frozen(d):
+            for inputs in fake_inputs:
+                class_idx = inputs["labels"][:, 0]
+                fakes = self.render_fakes(inputs, iteration)
+                with policy.autocast(policy.discriminator):
+                    fake_logits, fake_aux = d(fakes["d_input"], class_idx)
+                loss = g_loss(fake_logits.float())
+                total = loss
+                if self.ccsr_mode == "regularizer":
+                    ccsr = ccsr_consistency_loss(fakes["sr"].float(), fakes["rgb"].float())
+                    total = total + alpha * ccsr
+                    sums["loss/ccsr"] += ccsr.detach() / accum
+                if self.aux_loss is not None:
+                    aux = self.aux_loss(fake_aux.float(), class_idx[:, None])
+                    total = total + cfg.train.aux_weight * aux
+                    sums["loss/aux_g"] += aux.detach() / accum
+                sums["loss/g"] += total.detach() / accum
+                self.scaler_g.scale(total / accum).backward()
+                if mem.eager_free:
+                    del fakes, fake_logits, fake_aux, loss, total
+        if check_finite and not self._check("loss/g", sums["loss/g"], iteration):
+            self.opt_g.zero_grad(set_to_none=True)
+            sums["skipped"] = torch.ones(())
+            return sums
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        self.sched_g.step()
+        self.update_ema()
+        return sums
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.generator_ema is None:
+            return
+        beta = self.cfg.train.ema_beta
+        ema_params = list(self.generator_ema.parameters())
+        params = [p.detach() for p in self.generator.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+        for ema_buffer, buffer in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            ema_buffer.copy_(buffer)
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The generator used for samples and evaluation (EMA when enabled)."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    # ----------------------------------------------------------------- state
+
+    def state_dict(self) -> Dict:
+        return {
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
+            "scaler_g": self.scaler_g.state_dict(),
+            "scaler_d": self.scaler_d.state_dict(),
+            "step_rng": self.rng.get_state(),
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        if self.generator_ema is not None and state.get("generator_ema") is not None:
+            self.generator_ema.load_state_dict(state["generator_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        self.scaler_d.load_state_dict(state["scaler_d"])
+        self.rng.set_state(state["step_rng"])
