@@ -23,9 +23,8 @@ def small_cfg(root: Path | None = None, **synthetic_overrides) -> DataConfig:
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +130,8 @@ def test_fingerprint_names_default_root_and_tracks_byte_changing_settings():
     assert synthetic.synthetic_root(base) == PROJECT_ROOT / "data" / f"synthetic-{synthetic.fingerprint(base)}"
     changed = [small_cfg(seed=1), small_cfg(supersample=3), small_cfg(num_classes=3), DataConfig(image_size=16)]
     assert len({synthetic.fingerprint(c) for c in [base, *changed]}) == 5
-    assert synthetic.fingerprint(DataConfig(image_size=32, resize="resize", synthetic=base.synthetic)) == synthetic.fingerprint(base)
+    same_bytes = DataConfig(image_size=32, resize="resize", synthetic=base.synthetic)
+    assert synthetic.fingerprint(same_bytes) == synthetic.fingerprint(base)
 
 
 # --------------------------------------------------------------------------- folder loader
@@ -177,6 +177,7 @@ def test_loader_reads_real_naming(tmp_path):
         ("0_0001.png", "truncated", ["0_0001.png", "cannot read"]),
         ("0_0002.png", (10, 10), ["0_0002.png", "10x10", "data.resize=resize"]),
     ],
+    ids=["unparseable", "non-numeric-azimuth", "unknown-prefix", "azimuth-360", "corrupt", "truncated", "wrong-size"],
 )
 def test_loader_errors_name_the_file(tmp_path, name, content, expected):
     path = tmp_path / "spec" / name
@@ -283,7 +284,8 @@ def test_cli_prepare_then_info(tmp_path, capsys):
     assert "not built yet" in capsys.readouterr().err
     assert cli_main(["prepare", *overrides]) == 0
     out = capsys.readouterr().out
-    for text in (str(tmp_path / "cli"), "class0_column", "16 images", "16x16", "53.1 deg", "step 90 deg", "fingerprint", "rendered in"):
+    expected = [str(tmp_path / "cli"), "class0_column", "16 images", "16x16", "53.1 deg", "step 90 deg", "fingerprint"]
+    for text in expected + ["rendered in"]:
         assert text in out
     assert cli_main(["info", "+exp=smoke", *overrides]) == 0
     assert "status       built" in capsys.readouterr().out

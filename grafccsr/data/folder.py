@@ -68,12 +68,15 @@ def scan_folder(root: Path, prefixes: Sequence[str]) -> Tuple[List[str], List[Vi
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"dataset folder {root} {what} (data.root)")
-    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    class_dirs = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
+    )
     if not class_dirs:
         loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_file(p))
-        hint = f"; it holds {loose} images itself: point data.root at the folder above the class folders" if loose else ""
+        hint = f"; it holds {loose} images itself: point data.root at the folder above the class folders"
         raise DatasetError(
-            f"dataset folder {root} has no class sub-folders (expected <root>/<class>/<elevPrefix>_<azimuthDeg>.<ext>){hint}"
+            f"dataset folder {root} has no class sub-folders "
+            f"(expected <root>/<class>/<elevPrefix>_<azimuthDeg>.<ext>){hint if loose else ''}"
         )
     views: List[ViewFile] = []
     for class_idx, class_dir in enumerate(class_dirs):
