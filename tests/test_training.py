@@ -188,3 +188,29 @@ def test_smoke_run_logs_metric_names_to_mlflow(tmp_path, mlflow_uri):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "config.yaml", "samples"} <= artifacts
     assert (run_dir / "checkpoint.pt").is_file()
+
+
+def test_sigterm_checkpoints_and_ends_killed(tmp_path, mlflow_uri):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grafccsr.train", "+exp=smoke", "train.max_iters=100000", "train.sample_every=0",
+         "train.ckpt_every=0", f"tracking.uri={mlflow_uri}", f"hydra.run.dir={run_dir}"],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "config.yaml").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(3.0)  # let a few iterations run
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["status"] == "KILLED" and summary["reason"] == "interrupted"
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["iteration"] == summary["iteration"] > 0
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=mlflow_uri).get_run(summary["mlflow_run_id"]).info.status == "KILLED"
