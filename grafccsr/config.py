@@ -435,6 +435,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.camera.near={cam.near} must be >= 0 and < data.camera.far={cam.far}")
     _positive("data.synthetic.num_classes", d.synthetic.num_classes)
     _positive("data.synthetic.num_azimuths", d.synthetic.num_azimuths)
+    _positive("data.synthetic.supersample", d.synthetic.supersample)
     if 360 % d.synthetic.num_azimuths:
         raise ConfigError(
             f"data.synthetic.num_azimuths={d.synthetic.num_azimuths} must divide 360 "
