@@ -15,7 +15,7 @@ NAME   ?=
 PORT   ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train smoke sweep ablation report bench estimate ui clean
+.PHONY: help install test test-slow train smoke sweep ablation report bench estimate dashboard ui clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,6 +55,9 @@ bench: install ## speed/memory benchmark table vs the original preset (DEVICE=cp
 
 estimate: install ## CUDA peak-memory estimate without a GPU: ARGS='+exp=amp_bs8'
 	$(PY) -m grafccsr.memory estimate $(ARGS)
+
+dashboard: install ## Optuna dashboard on sweeps/optuna.db (needs: .venv/bin/pip install optuna-dashboard)
+	$(VENV)/bin/optuna-dashboard sqlite:///$(CURDIR)/sweeps/optuna.db --port 8080
 
 ui: install ## MLflow UI on the project's store (sqlite:///mlflow.db)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(PORT)

@@ -1,0 +1,525 @@
+"""The sweep driver: Optuna ask/tell around training subprocesses.
+
+Trial policy (see sweeps/README.md):
+
+* COMPLETE — the run finished and every objective is a finite number from its metrics.json.
+  With ``memory_budget_mb`` every COMPLETE trial carries the constraint
+  ``memory_budget_mb = peak_memory_mb - budget`` (Trial.set_constraint): > 0 is infeasible,
+  kept out of the Pareto front, and steers TPE/NSGA-II away.
+* FAIL — no honest objective values exist (OOM, NaN/Inf loss, config error, crash, timeout,
+  evaluation missing, interrupted). Nothing is fabricated; ``failure_reason`` and ``message``
+  are user attributes and tags on the MLflow child run.
+* PRUNED — never launched because the memory estimator predicts a peak over the budget; the
+  constraint holds the (real) predicted excess, so samplers treat the trial as infeasible.
+
+``n_trials`` is the study's total: trials interrupted by the sweep (and trials of a sweep
+process that died, found through RDB heartbeats) do not count and are queued again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from grafccsr.sweeping import runner
+from grafccsr.sweeping.spec import (PROJECT_ROOT, SpecError, StudySpec, extract_metric, format_override,
+                                    override_value, short_names, trial_overrides)
+from grafccsr.sweeping.storage import (StudyLock, cpu_threads_per_worker, make_storage, redact,
+                                       resolve_storage_url)
+
+RETRIED_REASONS = frozenset({"interrupted"})
+# Same overrides, same seed -> same result: a sampler proposing these again is not relaunched.
+DETERMINISTIC_FAILURES = frozenset({"oom", "config", "nonfinite", "repeat_of_failed"})
+DEFAULT = object()
+
+
+def trial_seed(seed: int, n: int) -> int:
+    """Decorrelated per-ask seed (numpy's MT19937 gives near-identical first draws for nearby
+    small seeds such as 0 and 3)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(n)]).generate_state(1)[0])
+
+
+def counts_toward_total(trial) -> bool:
+    """Does this trial use up one of the study's ``n_trials``?"""
+    from optuna.trial import TrialState
+
+    if trial.state == TrialState.WAITING:
+        return False
+    if trial.state == TrialState.FAIL:
+        reason = trial.user_attrs.get("failure_reason")
+        # No reason: failed by Optuna's stale-heartbeat check (its sweep process died).
+        return reason is not None and reason not in RETRIED_REASONS
+    return True
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    storage_url: str
+    parent_run_id: Optional[str]
+    pareto: List[Any]
+    launched: List[int] = field(default_factory=list)
+    interrupted: bool = False
+    study: Any = None
+
+
+class Sweep:
+    def __init__(self, spec: StudySpec, *, storage: Optional[str] = None, n_trials: Optional[int] = None,
+                 workers: int = 1, tracking_uri: Any = DEFAULT, runs_root: Optional[Path] = None,
+                 extra_overrides: Sequence[str] = (), trainer_cmd: Optional[Sequence[str]] = None,
+                 predict: Optional[Callable[[Sequence[str]], Optional[float]]] = None,
+                 out: Callable[[str], None] = None) -> None:
+        if workers < 1:
+            raise SpecError("--workers must be >= 1")
+        self.spec = spec
+        self.storage_url = resolve_storage_url(storage or spec.storage)
+        self.n_trials = spec.n_trials if n_trials is None else int(n_trials)
+        self.workers = workers
+        self.runs_root = Path(runs_root) if runs_root else PROJECT_ROOT / "runs"
+        self.extra_overrides = list(extra_overrides)
+        self.trainer_cmd = list(trainer_cmd) if trainer_cmd else spec.command()
+        self.predict = predict or runner.predicted_peak_mb
+        self._out = out or (lambda line: print(line, flush=True))
+        self._print_lock = threading.Lock()
+        self.lock = StudyLock(self.storage_url)
+        self.stop_event = threading.Event()
+        from grafccsr.sweeping.tracking import resolve_tracking_uri
+
+        self.tracking_uri = resolve_tracking_uri(None if tracking_uri is DEFAULT else (tracking_uri or "none"))
+        self.tracker = None
+        self.study = None
+        self.launched: List[int] = []
+        self._heartbeat = False
+        self._names = short_names(list(spec.search_space))
+        self._procs: set = set()  # live trainer processes (killed on a second Ctrl-C)
+        self._active: Dict[int, Any] = {}  # trial number -> (trial, params) while running
+        self._closed: set = set()  # trial numbers already told
+        self._state_lock = threading.Lock()
+        self._running_workers = 0
+        self._cuda_available: Optional[bool] = None
+        self._predict_lock = threading.Lock()
+
+    # -------------------------------------------------------------- output
+    def say(self, line: str) -> None:
+        with self._print_lock:
+            self._out(line)
+
+    def _params_text(self, params: Dict[str, Any]) -> str:
+        return " ".join(f"{self._names.get(k, k)}={v}" for k, v in params.items())
+
+    # -------------------------------------------------------------- set-up
+    def _make_sampler(self, seed: int):
+        import optuna
+
+        spec, opts = self.spec, dict(self.spec.sampler_options)
+        if spec.sampler == "tpe":
+            opts.setdefault("constant_liar", True)
+            return optuna.samplers.TPESampler(seed=seed, **opts)
+        if spec.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, **opts)
+        if spec.sampler == "grid":
+            # BruteForceSampler, not GridSampler: it reads the visited points (enqueued ones
+            # included) from the storage, so no combination runs twice; GridSampler maps trial
+            # numbers to grid ids and repeats enqueued points.
+            return optuna.samplers.BruteForceSampler(seed=seed, **opts)
+        return optuna.samplers.RandomSampler(seed=seed, **opts)
+
+    def _open_study(self):
+        import optuna
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        spec = self.spec
+        storage = make_storage(self.storage_url, spec.heartbeat_interval_s)
+        study = optuna.create_study(storage=storage, study_name=spec.study_name, sampler=self._make_sampler(spec.seed),
+                                    directions=spec.directions, load_if_exists=True)
+        have = [d.name.lower() for d in study.directions]
+        if have != spec.directions:
+            raise SpecError(f"study {spec.study_name!r} in {redact(self.storage_url)} has directions {have}, "
+                            f"the study file asks for {spec.directions}; use another study_name")
+        if study.metric_names is None:
+            study.set_metric_names(spec.metric_names)
+        elif list(study.metric_names) != spec.metric_names:
+            raise SpecError(f"study {spec.study_name!r} optimises {study.metric_names}, the study file asks for "
+                            f"{spec.metric_names}; use another study_name")
+        space = spec.search_space_json()
+        if "search_space" not in study.user_attrs:
+            study.set_user_attr("search_space", space)
+            study.set_user_attr("sampler", spec.sampler)
+            study.set_user_attr("base_overrides", spec.base_overrides)
+            study.set_user_attr("memory_budget_mb", spec.memory_budget_mb)
+        elif study.user_attrs["search_space"] != space:
+            self.say(f"warning: the search space differs from the one study {spec.study_name!r} started with")
+        for params in spec.enqueue:
+            study.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
+        self._heartbeat = is_heartbeat_enabled(study._storage)
+        return study
+
+    # -------------------------------------------------------------- claiming trials
+    def _grid_covered(self, trials) -> bool:
+        from optuna.trial import TrialState
+
+        grid = {k: {repr(v) for v in values} for k, values in self.spec.grid().items()}
+        seen = set()
+        for t in trials:
+            if t.state == TrialState.WAITING or set(t.params) != set(grid):
+                continue
+            if all(repr(v) in grid[k] for k, v in t.params.items()):
+                seen.add(tuple(sorted((k, repr(v)) for k, v in t.params.items())))
+        return len(seen) >= self.spec.grid_size()
+
+    def _claim(self):
+        """Under the study lock: count, then ask. Returns None when the study has its total."""
+        import optuna
+        from optuna.trial import TrialState
+
+        with self.lock:
+            if self.stop_event.is_set():
+                return None
+            study = self.study
+            if self._heartbeat:
+                optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if sum(counts_toward_total(t) for t in trials) >= self.n_trials:
+                return None
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            if self.spec.sampler == "grid" and not waiting and self._grid_covered(trials):
+                return None
+            # A fresh sampler seeded by the trial count: reproducible, and two sweep processes
+            # started together do not draw the same random start-up points.
+            study.sampler = self._make_sampler(trial_seed(self.spec.seed, len(trials)))
+            trial = study.ask(self.spec.distributions())
+            if self._heartbeat:
+                study._storage.record_heartbeat(trial._trial_id)
+            return trial
+
+    # -------------------------------------------------------------- one trial
+    def _overrides(self, trial) -> List[str]:
+        return [*self.spec.base_overrides, *self.extra_overrides, *trial_overrides(trial.params)]
+
+    def _tracking_overrides(self, number: int) -> List[str]:
+        if self.tracker is None:
+            return ["tracking=none"]
+        return [format_override("tracking.uri", self.tracking_uri),
+                format_override("tracking.experiment", self.spec.experiment_name),
+                format_override("tracking.parent_run_id", self.tracker.run_id),
+                format_override("tracking.run_name", f"{self.spec.study_name}-trial-{number}")]
+
+    def _precheck_applies(self, overrides: Sequence[str]) -> bool:
+        """The estimator predicts CUDA reserved memory: compare it with the budget only for
+        trials that run on CUDA (``auto``), unless the study file says true/false."""
+        mode = self.spec.precheck_memory
+        if mode in (True, False):
+            return mode
+        device = override_value(overrides, "train.device") or "auto"
+        if device.startswith("cuda"):
+            return True
+        if device == "auto":
+            if self._cuda_available is None:
+                try:
+                    import torch
+
+                    self._cuda_available = bool(torch.cuda.is_available())
+                except Exception:  # noqa: BLE001
+                    self._cuda_available = False
+            return self._cuda_available
+        return False
+
+    def _failed_twin(self, trial):
+        """An earlier trial with the same parameters that failed deterministically (Optuna's
+        samplers ignore FAIL trials, so TPE may propose an OOM configuration again)."""
+        from optuna.trial import TrialState
+
+        for other in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if (other.number != trial.number and other.params == trial.params
+                    and other.user_attrs.get("failure_reason") in DETERMINISTIC_FAILURES):
+                return other
+        return None
+
+    def _run_one(self, trial) -> None:
+        spec = self.spec
+        number, params = trial.number, dict(trial.params)
+        overrides = self._overrides(trial)
+        run_dir = self.runs_root / "sweeps" / spec.study_name / f"trial-{number}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("overrides", overrides)
+        repeat = self._failed_twin(trial)
+        predicted = None
+        if repeat is not None:
+            outcome = runner.Outcome(
+                "FAIL", reason="repeat_of_failed",
+                message=f"same parameters as trial {repeat.number}, which failed "
+                        f"({repeat.user_attrs.get('failure_reason')}); not launched again")
+            trial.set_user_attr("repeat_of", repeat.number)
+            self._record(trial, params, outcome)
+            return
+        if spec.memory_budget_mb is not None and self._precheck_applies(overrides):
+            with self._predict_lock:  # the estimator is not known to be thread-safe
+                predicted = self.predict(overrides)
+        if predicted is not None:
+            trial.set_user_attr("predicted_peak_mb", predicted)
+        if predicted is not None and predicted > spec.memory_budget_mb:
+            outcome = runner.Outcome(
+                "PRUNED", reason="predicted_over_budget",
+                message=f"predicted peak {predicted:.0f} MB > budget {spec.memory_budget_mb:.0f} MB; not launched")
+            trial.set_constraint("memory_budget_mb", predicted - spec.memory_budget_mb)
+        else:
+            cmd = runner.build_command(self.trainer_cmd, [
+                *overrides, format_override("hydra.run.dir", str(run_dir)), *self._tracking_overrides(number)])
+            self.say(f"[trial {number}] start    {self._params_text(params)}  -> {run_dir}")
+            env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
+            threads = cpu_threads_per_worker(self.workers)
+            if threads:
+                env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            heartbeat = None
+            if self._heartbeat:
+                storage, trial_id = self.study._storage, trial._trial_id
+                heartbeat = lambda: storage.record_heartbeat(trial_id)  # noqa: E731
+            self.launched.append(number)
+            outcome = runner.run_trial(
+                cmd, run_dir, spec.objectives, timeout_s=spec.timeout_per_trial_s, stop_event=self.stop_event,
+                heartbeat=heartbeat, heartbeat_every_s=float(spec.heartbeat_interval_s or 60), env=env,
+                procs=self._procs)
+        self._record(trial, params, outcome)
+
+    def _record(self, trial, params: Dict[str, Any], outcome: runner.Outcome) -> None:
+        from optuna.trial import TrialState
+
+        spec, number = self.spec, trial.number
+        if not self._close(number):  # abandoned by a second Ctrl-C and already told
+            return
+        summary = outcome.summary or {}
+        attrs: Dict[str, Any] = {
+            "exit_code": outcome.exit_code, "duration_s": round(outcome.duration_s, 3),
+            "mlflow_run_id": outcome.mlflow_run_id,
+            "peak_memory_mb": extract_metric(summary, "peak_memory_mb"),
+            "peak_memory_measure": summary.get("peak_memory_measure"),
+            "process_peak_rss_mb": extract_metric(summary, "process_peak_rss_mb"),
+            "fid": extract_metric(summary, "fid"),
+            "kid_mean": extract_metric(summary, "kid_mean"),
+            "kid_std": extract_metric(summary, "eval.kid_std"),
+            "it_per_s": extract_metric(summary, "it_per_s"),
+            "fid_extractor": summary.get("fid_extractor"),
+            "device": summary.get("device"), "iteration": summary.get("iteration"),
+        }
+        if outcome.state != "COMPLETE":
+            attrs.update(failure_reason=outcome.reason, message=outcome.message[:4000])
+            if outcome.stderr_tail:
+                attrs["stderr_tail"] = outcome.stderr_tail[-2000:]
+        if outcome.state == "COMPLETE" and spec.memory_budget_mb is not None:
+            peak = attrs["peak_memory_mb"]
+            if peak is None:
+                outcome = runner.Outcome("FAIL", reason="missing_metric", message="metrics.json has no peak_memory_mb, "
+                                         "needed for memory_budget_mb", summary=summary, exit_code=outcome.exit_code,
+                                         duration_s=outcome.duration_s)
+                attrs.update(failure_reason=outcome.reason, message=outcome.message)
+            else:
+                trial.set_constraint("memory_budget_mb", peak - spec.memory_budget_mb)
+        # MLflow first (the run id becomes a user attribute); never let it lose the trial.
+        if self.tracker is not None:
+            try:
+                if outcome.mlflow_run_id:
+                    self.tracker.annotate_child(outcome.mlflow_run_id, number, outcome.state, outcome.reason,
+                                                outcome.message)
+                elif outcome.state != "COMPLETE":
+                    predicted = trial.user_attrs.get("predicted_peak_mb")
+                    extra = {"predicted_peak_mb": f"{predicted:.1f}"} if predicted is not None else {}
+                    attrs["mlflow_run_id"] = self.tracker.record_unlaunched(
+                        number, params, outcome.state, outcome.reason or "error", outcome.message, extra)
+            except Exception as err:  # noqa: BLE001
+                self.say(f"[trial {number}] warning: MLflow update failed: {err}")
+        for key, value in attrs.items():
+            if value is not None:
+                trial.set_user_attr(key, value)
+        state = {"COMPLETE": TrialState.COMPLETE, "FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED}[outcome.state]
+        self._tell(trial, outcome.values if state == TrialState.COMPLETE else None, state)
+        if outcome.reason in RETRIED_REASONS:
+            with self.lock:  # queue the same parameters again; a resumed sweep runs them
+                self.study.enqueue_trial(params, user_attrs={"retry_of": number})
+        self.say(self._result_line(number, params, outcome, attrs, trial))
+
+    def _close(self, number: int) -> bool:
+        with self._state_lock:
+            if number in self._closed:
+                return False
+            self._closed.add(number)
+            self._active.pop(number, None)
+            return True
+
+    def _tell(self, trial, values, state) -> None:
+        try:
+            self.study.tell(trial, values=values, state=state, skip_if_finished=True)
+        except RuntimeError as err:
+            # BruteForceSampler.after_trial calls study.stop() once the grid is done, which raises
+            # outside study.optimize; the trial is already stored (tell's finally block).
+            if "Study.stop" not in str(err):
+                raise
+
+    def _result_line(self, number, params, outcome, attrs, trial) -> str:
+        state = outcome.state if outcome.state == "COMPLETE" else f"{outcome.state}({outcome.reason})"
+        head = f"[trial {number}] {state:<10} {outcome.duration_s:7.1f}s  {self._params_text(params)}"
+        if outcome.state == "COMPLETE":
+            vals = " ".join(f"{o.metric}={v:.4g}" for o, v in zip(self.spec.objectives, outcome.values))
+            extra = ""
+            violation = trial.constraints.get("memory_budget_mb") if hasattr(trial, "constraints") else None
+            if violation is not None and violation > 0:
+                extra = f"  INFEASIBLE: peak {attrs['peak_memory_mb']:.0f} MB > budget {self.spec.memory_budget_mb:.0f} MB"
+            return f"{head}  -> {vals}{extra}"
+        return f"{head}  -> {outcome.message[:300]}"
+
+    # -------------------------------------------------------------- main loop
+    def _worker(self) -> None:
+        while not self.stop_event.is_set():
+            trial = self._claim()
+            if trial is None:
+                return
+            with self._state_lock:
+                self._active[trial.number] = (trial, dict(trial.params))
+            try:
+                self._run_one(trial)
+            except Exception:  # a driver bug: record it, keep the sweep going
+                message = traceback.format_exc()
+                if not self._close(trial.number):
+                    self.say(f"[trial {trial.number}] driver error after recording:\n{message}")
+                    continue
+                self.say(f"[trial {trial.number}] driver error:\n{message}")
+                try:
+                    trial.set_user_attr("failure_reason", "driver_error")
+                    trial.set_user_attr("message", message[-4000:])
+                    from optuna.trial import TrialState
+
+                    self._tell(trial, None, TrialState.FAIL)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def run(self) -> SweepResult:
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+        try:
+            from optuna.exceptions import ExperimentalWarning
+
+            warnings.filterwarnings("ignore", category=ExperimentalWarning)
+        except ImportError:
+            pass
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        spec = self.spec
+        with self.lock:
+            self.study = self._open_study()
+            if self.tracking_uri is not None:
+                from grafccsr.sweeping.tracking import SweepTracker
+
+                self.tracker = SweepTracker(self.tracking_uri, spec, redact(self.storage_url))
+                self.tracker.ensure_parent(self.study)
+        existing = self.study.get_trials(deepcopy=False)
+        done = sum(counts_toward_total(t) for t in existing)
+        self.say(f"study {spec.study_name!r} ({spec.sampler}, objectives "
+                 f"{', '.join(f'{o.direction} {o.metric}' for o in spec.objectives)}) in {redact(self.storage_url)}")
+        self.say(f"  {done}/{self.n_trials} trials counted so far; {self.workers} worker(s); runs in "
+                 f"{self.runs_root / 'sweeps' / spec.study_name}"
+                 + (f"; MLflow parent run {self.tracker.run_id} ({self.tracking_uri})" if self.tracker else ""))
+        interrupted = False
+        self._running_workers = self.workers
+        threads = [threading.Thread(target=self._worker_main, name=f"sweep-worker-{i}", daemon=True)
+                   for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        # Poll with time.sleep, not Thread.join: a join interrupted by KeyboardInterrupt can
+        # leave the Thread object reporting is_alive() == False while it still runs.
+        try:
+            while self._workers_left():
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.say("interrupt: stopping running trials (they are queued again for the next run); "
+                     "press Ctrl-C again to abandon them")
+            self.stop_event.set()
+            try:
+                while self._workers_left():
+                    time.sleep(0.2)
+            except KeyboardInterrupt:
+                self._abandon_running()
+        return self.finish(interrupted)
+
+    def _workers_left(self) -> int:
+        with self._state_lock:
+            return self._running_workers
+
+    def _worker_main(self) -> None:
+        try:
+            self._worker()
+        except BaseException:  # noqa: BLE001 - never die silently
+            self.say(f"worker error:\n{traceback.format_exc()}")
+        finally:
+            with self._state_lock:
+                self._running_workers -= 1
+
+    def _abandon_running(self) -> None:
+        """Second Ctrl-C: kill the trainers, record their trials as interrupted (queued again)."""
+        from optuna.trial import TrialState
+
+        for proc in list(self._procs):
+            runner.signal_group(proc, signal.SIGKILL)
+        with self._state_lock:
+            active = list(self._active.items())
+        for number, (trial, params) in active:
+            if not self._close(number):
+                continue
+            try:
+                trial.set_user_attr("failure_reason", "interrupted")
+                trial.set_user_attr("message", "abandoned by a second interrupt of the sweep")
+                self._tell(trial, None, TrialState.FAIL)
+                self.study.enqueue_trial(params, user_attrs={"retry_of": number})
+                self.say(f"[trial {number}] FAIL(interrupted) abandoned")
+            except Exception as err:  # noqa: BLE001
+                self.say(f"[trial {number}] could not record the interruption: {err}")
+
+    def finish(self, interrupted: bool = False) -> SweepResult:
+        from grafccsr.sweeping.pareto import format_table, pareto_trials
+
+        front = pareto_trials(self.study)
+        trials = self.study.get_trials(deepcopy=False)
+        counts: Dict[str, int] = {}
+        for t in trials:
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        infeasible = sum(1 for t in trials if t.state.name == "COMPLETE" and any(v > 0 for v in t.constraints.values()))
+        self.say(f"study {self.spec.study_name!r}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                 + (f" ({infeasible} over the memory budget)" if infeasible else "")
+                 + f"; launched {len(self.launched)} now")
+        self.say(f"Pareto front ({len(front)} trial(s); "
+                 + ", ".join(f"{o.direction} {o.metric}" for o in self.spec.objectives) + "):")
+        self.say(format_table(front, self.spec))
+        if self.tracker is not None:
+            try:
+                self.tracker.log_results(self.study, front, status="KILLED" if interrupted else "FINISHED")
+                self.say(f"MLflow: parent run {self.tracker.run_id} (pareto.json, pareto.png) in {self.tracking_uri}")
+            except Exception as err:  # noqa: BLE001
+                self.say(f"warning: could not log the Pareto front to MLflow: {err}")
+        return SweepResult(self.spec.study_name, self.storage_url, self.tracker.run_id if self.tracker else None,
+                           front, list(self.launched), interrupted, self.study)
+
+
+def install_sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler stopping the job) behaves like Ctrl-C: running trials are stopped
+    cleanly and queued again."""
+    if threading.current_thread() is threading.main_thread():
+        def _raise(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _raise)
+
+
+def main_exit_code(result: SweepResult) -> int:
+    return 130 if result.interrupted else 0
+
+
+__all__ = ["Sweep", "SweepResult", "counts_toward_total", "install_sigterm_as_interrupt", "main_exit_code"]

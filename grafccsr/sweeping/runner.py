@@ -1,0 +1,241 @@
+"""One trial = one ``python -m grafccsr.train ...`` subprocess; its result is read back from
+``<run folder>/metrics.json`` and classified (the driver talks to training only this way)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from grafccsr.sweeping.spec import Objective, extract_metric
+
+METRICS_FILE = "metrics.json"
+EXIT_REASONS = {1: "error", 2: "config", 3: "oom", 4: "nonfinite", 130: "interrupted",
+                -signal.SIGINT: "interrupted"}
+# Hydra rejects unknown keys / bad override syntax with exit code 1 before the app runs.
+_HYDRA_CONFIG_ERRORS = re.compile(
+    r"Could not override|Key '.*' not in|ConfigCompositionException|OverrideParseException|"
+    r"Could not load '|Error merging override|Could not append to config|mismatched input")
+INTERRUPT_GRACE_S = 30.0
+STDERR_TAIL_CHARS = 4000
+
+
+@dataclass
+class Outcome:
+    """What a trial produced, before it is told to Optuna."""
+
+    state: str  # COMPLETE | FAIL | PRUNED
+    values: Optional[List[float]] = None
+    reason: Optional[str] = None  # oom, nonfinite, config, crash, error, timeout, interrupted, missing_metric, ...
+    message: str = ""
+    summary: Optional[Dict[str, Any]] = None
+    exit_code: Optional[int] = None
+    duration_s: float = 0.0
+    stderr_tail: str = ""
+    run_dir: Optional[Path] = None
+
+    @property
+    def mlflow_run_id(self) -> Optional[str]:
+        return (self.summary or {}).get("mlflow_run_id")
+
+    @property
+    def peak_memory_mb(self) -> Optional[float]:
+        return extract_metric(self.summary or {}, "peak_memory_mb")
+
+
+def build_command(trainer_cmd: Sequence[str], overrides: Sequence[str]) -> List[str]:
+    return [*trainer_cmd, *overrides]
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """A fresh folder: a leftover from an earlier study of the same name is moved aside, never
+    read as this trial's result."""
+    if run_dir.exists():
+        stale = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        run_dir.rename(stale)
+    run_dir.mkdir(parents=True)
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError, AttributeError):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_subprocess(cmd: Sequence[str], run_dir: Path, *, timeout_s: Optional[float] = None,
+                   stop_event: Optional[threading.Event] = None, heartbeat: Optional[Callable[[], None]] = None,
+                   heartbeat_every_s: float = 60.0, env: Optional[Mapping[str, str]] = None,
+                   poll_s: float = 0.2, procs: Optional[set] = None) -> tuple:
+    """Run ``cmd`` with stdout/stderr in ``run_dir``; returns ``(exit_code, stop_cause, seconds)``.
+
+    ``stop_cause`` is ``"timeout"`` or ``"interrupted"`` when the driver stopped the process:
+    SIGINT to its process group first (the trainer then checkpoints and writes metrics.json),
+    SIGKILL after a grace period.
+    """
+    start = time.monotonic()
+    stop_cause = None
+    signalled_at = None
+    last_beat = start
+    with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                env=dict(env) if env is not None else None, start_new_session=True)
+        if procs is not None:
+            procs.add(proc)
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                now = time.monotonic()
+                if heartbeat is not None and now - last_beat >= heartbeat_every_s:
+                    last_beat = now
+                    try:
+                        heartbeat()
+                    except Exception:  # a missed heartbeat must not kill the trial
+                        pass
+                if stop_cause is None:
+                    if stop_event is not None and stop_event.is_set():
+                        stop_cause = "interrupted"
+                    elif timeout_s is not None and now - start > timeout_s:
+                        stop_cause = "timeout"
+                    if stop_cause is not None:
+                        signalled_at = now
+                        signal_group(proc, signal.SIGINT)
+                elif now - signalled_at > INTERRUPT_GRACE_S:
+                    signal_group(proc, signal.SIGKILL)
+                    signalled_at = float("inf")
+        except BaseException:
+            signal_group(proc, signal.SIGKILL)
+            proc.wait()
+            raise
+        finally:
+            if procs is not None:
+                procs.discard(proc)
+    return rc, stop_cause, time.monotonic() - start
+
+
+def tail(path: Path, chars: int = STDERR_TAIL_CHARS) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - chars))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def read_metrics(run_dir: Path) -> Optional[Dict[str, Any]]:
+    try:
+        data = json.loads((run_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()
+             and not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")]
+    return " | ".join(lines[-n:])
+
+
+def _config_message(stderr: str) -> str:
+    for line in stderr.splitlines():
+        if line.startswith("config error:"):
+            return line[len("config error:"):].strip()
+    return _last_lines(stderr, 4)
+
+
+def classify(exit_code: int, stop_cause: Optional[str], summary: Optional[Dict[str, Any]], stderr: str,
+             objectives: Sequence[Objective]) -> Outcome:
+    """Decide the trial's state from exit code, metrics.json and stderr. Values are only ever
+    the run's own measured numbers: anything missing or non-finite makes the trial FAIL."""
+    if stop_cause is not None:
+        message = ("stopped by the sweep: per-trial timeout" if stop_cause == "timeout"
+                   else "stopped by the sweep: interrupted")
+        return Outcome("FAIL", reason=stop_cause, message=message, summary=summary, exit_code=exit_code,
+                       stderr_tail=stderr)
+    partial = None
+    if summary is not None and summary.get("status") not in ("FINISHED", "FAILED", "KILLED"):
+        partial, summary = summary, None  # a progress snapshot of a process that died
+    if summary is None:
+        if exit_code == 2 or _HYDRA_CONFIG_ERRORS.search(stderr or ""):
+            return Outcome("FAIL", reason="config", message=_config_message(stderr), exit_code=exit_code,
+                           stderr_tail=stderr)
+        if exit_code in (3, 4, 130) or exit_code == -signal.SIGINT:
+            reason = EXIT_REASONS[exit_code]
+        else:
+            reason = "crash"
+        message = f"exit code {exit_code}, no final {METRICS_FILE}"
+        last = _last_lines(stderr)
+        return Outcome("FAIL", reason=reason, message=f"{message}: {last}" if last else message,
+                       summary=partial, exit_code=exit_code, stderr_tail=stderr)
+    status = summary.get("status")
+    if status != "FINISHED" or exit_code != 0:
+        reason = summary.get("reason") or EXIT_REASONS.get(exit_code) or "error"
+        message = str(summary.get("message") or "") or _last_lines(stderr) or f"status {status}, exit code {exit_code}"
+        return Outcome("FAIL", reason=reason, message=message, summary=summary, exit_code=exit_code,
+                       stderr_tail=stderr)
+    values, missing = [], []
+    for objective in objectives:
+        value = objective.extract(summary)
+        if value is None:
+            missing.append(objective.metric)
+        else:
+            values.append(value)
+    if missing:
+        hint = " (is eval disabled, or did evaluation fail?)" if any(m in ("fid", "kid_mean") for m in missing) else ""
+        return Outcome("FAIL", reason="missing_metric",
+                       message=f"metrics.json has no finite value for {', '.join(missing)}{hint}",
+                       summary=summary, exit_code=exit_code, stderr_tail=stderr)
+    assert all(math.isfinite(v) for v in values)
+    return Outcome("COMPLETE", values=values, summary=summary, exit_code=exit_code, stderr_tail=stderr)
+
+
+def run_trial(cmd: Sequence[str], run_dir: Path, objectives: Sequence[Objective], **kwargs) -> Outcome:
+    prepare_run_dir(run_dir)
+    try:
+        exit_code, stop_cause, seconds = run_subprocess(cmd, run_dir, **kwargs)
+    except OSError as err:  # the trainer command itself could not start
+        return Outcome("FAIL", reason="crash", message=f"could not start {cmd[0]!r}: {err}", run_dir=run_dir)
+    outcome = classify(exit_code, stop_cause, read_metrics(run_dir), tail(run_dir / "stderr.log"), objectives)
+    outcome.duration_s = seconds
+    outcome.run_dir = run_dir
+    return outcome
+
+
+def predicted_peak_mb(overrides: Sequence[str]) -> Optional[float]:
+    """Pre-launch memory estimate for a trial's overrides, in MB; None when no estimator.
+
+    Uses ``grafccsr.memory.estimate.estimate_peak_mb(overrides)`` when that module exists
+    (being written separately); any error there means "no estimate" — it never blocks a trial.
+    """
+    try:
+        from grafccsr.memory.estimate import estimate_peak_mb  # type: ignore
+    except Exception:
+        return None
+    try:
+        value = estimate_peak_mb(list(overrides))
+    except Exception:
+        return None
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

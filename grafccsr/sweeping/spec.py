@@ -1,0 +1,422 @@
+"""Study definitions (``sweeps/*.yaml``): loading, validation, override formatting.
+
+Pure Python + PyYAML: importing this module does not import Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Objective name -> path into metrics.json.
+METRIC_PATHS: Dict[str, tuple] = {
+    "peak_memory_mb": ("peak_memory_mb",),
+    "fid": ("eval", "fid"),
+    "kid_mean": ("eval", "kid_mean"),
+    "it_per_s": ("perf", "perf/it_per_s"),
+    "rays_per_s": ("perf", "perf/rays_per_s"),
+    "points_per_s": ("perf", "perf/points_per_s"),
+    "process_peak_rss_mb": ("process_peak_rss_mb",),
+}
+DEFAULT_OBJECTIVES = [("peak_memory_mb", "minimize"), ("fid", "minimize")]
+SAMPLERS = ("tpe", "nsga2", "grid", "random")
+PARAM_TYPES = ("categorical", "int", "float")
+STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+_TOP_KEYS = {
+    "study_name", "storage", "sampler", "seed", "sampler_options", "n_trials", "objectives",
+    "memory_budget_mb", "precheck_memory", "base_overrides", "search_space", "enqueue",
+    "mlflow_experiment", "timeout_per_trial_s", "trainer_cmd", "heartbeat_interval_s",
+}
+
+
+class SpecError(ValueError):
+    """A study definition is invalid (the CLI exits with code 2)."""
+
+
+# ------------------------------------------------------------------ YAML loading
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars: only true/false are booleans (so ``off`` stays the
+    string Hydra expects for ``train.amp.policy``) and ``1e-3`` is a float."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(path: Path) -> Any:
+    with open(path) as fh:
+        return yaml.load(fh, Loader=_Yaml12Loader)
+
+
+# ------------------------------------------------------------------ dataclasses
+
+
+@dataclass
+class Objective:
+    metric: str
+    direction: str  # minimize | maximize
+
+    def extract(self, summary: Mapping[str, Any]) -> Optional[float]:
+        """The metric's value in a metrics.json dict; None when absent or not finite."""
+        return extract_metric(summary, self.metric)
+
+
+def extract_metric(summary: Mapping[str, Any], metric: str) -> Optional[float]:
+    path = METRIC_PATHS.get(metric) or tuple(metric.split("."))
+    node: Any = summary
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        return None
+    value = float(node)
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class Param:
+    name: str  # the Hydra override key, also the Optuna parameter name
+    type: str
+    choices: Optional[List[Any]] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    step: Optional[float] = None
+    log: bool = False
+
+    def distribution(self):
+        from optuna.distributions import (CategoricalDistribution, FloatDistribution,
+                                          IntDistribution)
+
+        if self.type == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.type == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log,
+                                   step=int(self.step) if self.step is not None else 1)
+        return FloatDistribution(float(self.low), float(self.high), log=self.log,
+                                 step=float(self.step) if self.step is not None else None)
+
+    def grid_values(self) -> List[Any]:
+        """Every value, for the grid sampler (categoricals, ints, floats with a step)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            step = int(self.step or 1)
+            if self.log:
+                raise SpecError(f"search_space.{self.name}: the grid sampler cannot enumerate a log int range; "
+                                "list the values as a categorical")
+            return list(range(int(self.low), int(self.high) + 1, step))
+        if self.step is None or self.log:
+            raise SpecError(f"search_space.{self.name}: the grid sampler needs a float range with a step "
+                            "(or a categorical)")
+        n = int(round((self.high - self.low) / self.step))
+        return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and float(value) != int(value):
+            return False
+        return self.low <= value <= self.high
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"type": self.type}
+        if self.type == "categorical":
+            out["choices"] = self.choices
+        else:
+            out.update(low=self.low, high=self.high)
+            if self.step is not None:
+                out["step"] = self.step
+            if self.log:
+                out["log"] = True
+        return out
+
+
+@dataclass
+class StudySpec:
+    study_name: str
+    search_space: Dict[str, Param]
+    storage: Optional[str] = None
+    sampler: str = "tpe"
+    seed: int = 0
+    sampler_options: Dict[str, Any] = field(default_factory=dict)
+    n_trials: int = 20
+    objectives: List[Objective] = field(default_factory=lambda: [Objective(m, d) for m, d in DEFAULT_OBJECTIVES])
+    memory_budget_mb: Optional[float] = None
+    precheck_memory: Any = "auto"  # auto | true | false
+    base_overrides: List[str] = field(default_factory=list)
+    enqueue: List[Dict[str, Any]] = field(default_factory=list)
+    mlflow_experiment: Optional[str] = None
+    timeout_per_trial_s: Optional[float] = None
+    trainer_cmd: Optional[List[str]] = None
+    heartbeat_interval_s: Optional[int] = 60
+    source: Optional[Path] = None
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow_experiment or f"sweep-{self.study_name}"
+
+    @property
+    def directions(self) -> List[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def metric_names(self) -> List[str]:
+        return [o.metric for o in self.objectives]
+
+    def command(self) -> List[str]:
+        return list(self.trainer_cmd) if self.trainer_cmd else [sys.executable, "-m", "grafccsr.train"]
+
+    def distributions(self) -> Dict[str, Any]:
+        return {name: p.distribution() for name, p in self.search_space.items()}
+
+    def grid(self) -> Dict[str, List[Any]]:
+        return {name: p.grid_values() for name, p in self.search_space.items()}
+
+    def grid_size(self) -> int:
+        return math.prod(len(v) for v in self.grid().values())
+
+    def search_space_json(self) -> Dict[str, Any]:
+        return {name: p.to_json() for name, p in self.search_space.items()}
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def _as_number(where: str, value: Any, kind=float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{where} must be a number, got {value!r}")
+    if kind is int and float(value) != int(value):
+        raise SpecError(f"{where} must be an integer, got {value!r}")
+    return kind(value)
+
+
+def _parse_param(name: str, raw: Any) -> Param:
+    where = f"search_space.{name}"
+    if isinstance(raw, list):  # shorthand: a list of choices
+        raw = {"type": "categorical", "choices": raw}
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{where} must be a mapping like {{type: categorical, choices: [...]}}")
+    unknown = set(raw) - {"type", "choices", "low", "high", "step", "log"}
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {sorted(unknown)}")
+    ptype = raw.get("type", "categorical" if "choices" in raw else None)
+    if ptype not in PARAM_TYPES:
+        raise SpecError(f"{where}.type must be one of {PARAM_TYPES}, got {ptype!r}")
+    if ptype == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpecError(f"{where}.choices must be a non-empty list")
+        for c in choices:
+            if c is not None and not isinstance(c, (bool, int, float, str)):
+                raise SpecError(f"{where}.choices: {c!r} is not a scalar")
+        if len({repr(c) for c in choices}) != len(choices):
+            raise SpecError(f"{where}.choices has duplicates: {choices}")
+        return Param(name, ptype, choices=list(choices))
+    kind = int if ptype == "int" else float
+    if "low" not in raw or "high" not in raw:
+        raise SpecError(f"{where} needs low and high")
+    low = _as_number(f"{where}.low", raw["low"], kind)
+    high = _as_number(f"{where}.high", raw["high"], kind)
+    step = raw.get("step")
+    step = _as_number(f"{where}.step", step, kind) if step is not None else None
+    log = bool(raw.get("log", False))
+    if low > high:
+        raise SpecError(f"{where}: low ({low}) > high ({high})")
+    if log and low <= 0:
+        raise SpecError(f"{where}: log scale needs low > 0")
+    if log and step not in (None, 1):
+        raise SpecError(f"{where}: step and log cannot be combined")
+    if step is not None and step <= 0:
+        raise SpecError(f"{where}.step must be > 0")
+    return Param(name, ptype, low=low, high=high, step=step, log=log)
+
+
+def _precheck(value: Any) -> Any:
+    if value in (True, False, "auto"):
+        return value
+    raise SpecError(f"precheck_memory must be auto, true or false, got {value!r}")
+
+
+def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The last value given to ``key`` in a list of Hydra overrides (None if absent)."""
+    found = None
+    for o in overrides:
+        if "=" in o and o.split("=", 1)[0].lstrip("+") == key:
+            found = o.split("=", 1)[1].strip("'\"")
+    return found
+
+
+def parse_spec(raw: Mapping[str, Any], source: Optional[Path] = None) -> StudySpec:
+    if not isinstance(raw, Mapping):
+        raise SpecError("a study definition must be a YAML mapping")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise SpecError(f"unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    name = raw.get("study_name") or (source.stem if source else None)
+    if not isinstance(name, str) or not STUDY_NAME_RE.match(name):
+        raise SpecError(f"study_name must match {STUDY_NAME_RE.pattern}, got {name!r}")
+
+    space_raw = raw.get("search_space")
+    if not isinstance(space_raw, Mapping) or not space_raw:
+        raise SpecError("search_space must be a non-empty mapping of override key -> distribution")
+    space = {str(k): _parse_param(str(k), v) for k, v in space_raw.items()}
+
+    sampler = str(raw.get("sampler", "tpe")).lower().replace("-", "").replace("_", "")
+    sampler = {"nsgaii": "nsga2", "bruteforce": "grid"}.get(sampler, sampler)
+    if sampler not in SAMPLERS:
+        raise SpecError(f"sampler must be one of {SAMPLERS}, got {raw.get('sampler')!r}")
+
+    objectives_raw = raw.get("objectives")
+    if objectives_raw is None:
+        objectives = [Objective(m, d) for m, d in DEFAULT_OBJECTIVES]
+    else:
+        if not isinstance(objectives_raw, list) or not objectives_raw:
+            raise SpecError("objectives must be a non-empty list of {metric, direction}")
+        objectives = []
+        for i, o in enumerate(objectives_raw):
+            if isinstance(o, str):
+                o = {"metric": o}
+            if not isinstance(o, Mapping) or "metric" not in o:
+                raise SpecError(f"objectives[{i}] must be {{metric: ..., direction: minimize|maximize}}")
+            metric = str(o["metric"])
+            if metric not in METRIC_PATHS and "." not in metric:
+                raise SpecError(f"objectives[{i}].metric {metric!r} unknown; use one of {sorted(METRIC_PATHS)} "
+                                "or a dotted path into metrics.json")
+            direction = str(o.get("direction", "maximize" if metric.endswith("_per_s") else "minimize")).lower()
+            if direction not in ("minimize", "maximize"):
+                raise SpecError(f"objectives[{i}].direction must be minimize or maximize")
+            objectives.append(Objective(metric, direction))
+        if len({o.metric for o in objectives}) != len(objectives):
+            raise SpecError("objectives repeat a metric")
+
+    n_trials = _as_number("n_trials", raw.get("n_trials", 20), int)
+    if n_trials < 0:
+        raise SpecError("n_trials must be >= 0")
+    budget = raw.get("memory_budget_mb")
+    budget = _as_number("memory_budget_mb", budget) if budget is not None else None
+    if budget is not None and budget <= 0:
+        raise SpecError("memory_budget_mb must be > 0")
+    timeout = raw.get("timeout_per_trial_s")
+    timeout = _as_number("timeout_per_trial_s", timeout) if timeout is not None else None
+    heartbeat = raw.get("heartbeat_interval_s", 60)
+    heartbeat = _as_number("heartbeat_interval_s", heartbeat, int) if heartbeat is not None else None
+    if heartbeat is not None and heartbeat <= 0:
+        heartbeat = None
+
+    base = raw.get("base_overrides") or []
+    if not isinstance(base, list) or not all(isinstance(b, str) and "=" in b for b in base):
+        raise SpecError("base_overrides must be a list of 'key=value' strings")
+    base_keys = {_override_key(b) for b in base}
+    clash = base_keys & set(space)
+    if clash:
+        raise SpecError(f"keys both in base_overrides and search_space: {sorted(clash)}")
+
+    enqueue = raw.get("enqueue") or []
+    if not isinstance(enqueue, list) or not all(isinstance(e, Mapping) for e in enqueue):
+        raise SpecError("enqueue must be a list of {override key: value} mappings")
+    for i, params in enumerate(enqueue):
+        extra = set(params) - set(space)
+        if extra:
+            raise SpecError(f"enqueue[{i}] has keys not in search_space: {sorted(extra)}")
+    trainer_cmd = raw.get("trainer_cmd")
+    if trainer_cmd is not None and (not isinstance(trainer_cmd, list) or not trainer_cmd):
+        raise SpecError("trainer_cmd must be a non-empty list of strings")
+    options = raw.get("sampler_options") or {}
+    if not isinstance(options, Mapping):
+        raise SpecError("sampler_options must be a mapping of keyword arguments")
+
+    spec = StudySpec(
+        study_name=name, search_space=space, storage=raw.get("storage"), sampler=sampler,
+        seed=_as_number("seed", raw.get("seed", 0), int), sampler_options=dict(options), n_trials=n_trials,
+        objectives=objectives, memory_budget_mb=budget, precheck_memory=_precheck(raw.get("precheck_memory", "auto")),
+        base_overrides=list(base), enqueue=[dict(e) for e in enqueue],
+        mlflow_experiment=raw.get("mlflow_experiment"), timeout_per_trial_s=timeout,
+        trainer_cmd=[str(c) for c in trainer_cmd] if trainer_cmd else None,
+        heartbeat_interval_s=heartbeat, source=source,
+    )
+    if sampler == "grid":
+        spec.grid()  # raises SpecError for ranges it cannot enumerate
+    for i, params in enumerate(spec.enqueue):
+        for key, value in params.items():
+            if not spec.search_space[key].contains(value):
+                raise SpecError(f"enqueue[{i}].{key}={value!r} lies outside the search space")
+    return spec
+
+
+def load_spec(path: Path) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"study file not found: {path}")
+    try:
+        raw = load_yaml(path)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: invalid YAML: {err}") from None
+    try:
+        return parse_spec(raw, source=path)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+    except ValueError as err:  # e.g. a categorical value Optuna rejects
+        raise SpecError(f"{path}: {err}") from None
+
+
+# ------------------------------------------------------------------ overrides
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_./:@+\-]+$")
+_HYDRA_KEYWORDS = re.compile(r"^(?:true|false|null|none|nan|[-+]?inf|[-+]?[0-9._eE+\-]+)$", re.IGNORECASE)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def format_value(value: Any) -> str:
+    """A Python value as a Hydra override value (strings that would parse as something else are quoted)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite override value {value}")
+        return repr(value)
+    text = str(value)
+    if _PLAIN.match(text) and not _HYDRA_KEYWORDS.match(text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def format_override(key: str, value: Any) -> str:
+    return f"{key}={format_value(value)}"
+
+
+def trial_overrides(params: Mapping[str, Any]) -> List[str]:
+    return [format_override(k, v) for k, v in params.items()]
+
+
+def short_names(keys: Sequence[str]) -> Dict[str, str]:
+    """``train.amp.policy`` -> ``policy`` unless two keys share a last component."""
+    last = [k.split(".")[-1].lstrip("+") for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
