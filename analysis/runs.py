@@ -60,9 +60,10 @@ _DERIVED = {
     "amp_dtype": ("params.train.amp.dtype",),
     "max_iters": ("params.train.max_iters",),
     "ccsr_mode": ("params.model.ccsr.mode",),
-    "peak_allocated_mb": ("metrics.mem/peak_allocated_mb",),
-    "peak_reserved_mb": ("metrics.mem/peak_reserved_mb",),
-    "peak_live_tensors_mb": ("metrics.mem/peak_live_tensors_mb",),
+    # the training step's peak (d_step, g_step); runs before that metric existed: the run maximum
+    "peak_allocated_mb": ("metrics.mem/train_peak_allocated_mb", "metrics.mem/peak_allocated_mb"),
+    "peak_reserved_mb": ("metrics.mem/train_peak_reserved_mb", "metrics.mem/peak_reserved_mb"),
+    "peak_live_tensors_mb": ("metrics.mem/train_peak_live_tensors_mb", "metrics.mem/peak_live_tensors_mb"),
     "process_peak_rss_mb": ("metrics.mem/process_peak_rss_mb",),
     "fid": ("metrics.eval/fid",),
     "kid_mean": ("metrics.eval/kid_mean",),

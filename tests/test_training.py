@@ -179,7 +179,7 @@ def test_smoke_run_logs_metric_names_to_mlflow(tmp_path, mlflow_uri):
     run = client.get_run(summary["mlflow_run_id"])
     names = set(run.data.metrics)
     for name in ("loss/d", "loss/g", "loss/r1", "loss/ccsr", "perf/it_per_s", "perf/rays_per_s",
-                 "mem/peak_live_tensors_mb", "mem/d_step/peak_live_tensors_mb", "mem/g_step/peak_live_tensors_mb",
+                 "mem/peak_live_tensors_mb", "mem/train_peak_live_tensors_mb", "mem/d_step/peak_live_tensors_mb", "mem/g_step/peak_live_tensors_mb",
                  "eval/fid", "eval/kid_mean", "eval/kid_std"):
         assert name in names, name
     assert run.data.params["train.batch_size"] == "2"

@@ -145,12 +145,21 @@ class PhaseMemory:
         return out
 
 
+TRAINING_PHASES = ("d_step", "g_step")
+
+
 def _run_maxima(peaks: Dict[str, float]) -> Dict[str, float]:
+    """``mem/<measure>``: maximum over every phase; ``mem/train_<measure>``: over the
+    training step's phases only (what batch size, samples per ray and AMP change;
+    sampling and evaluation depend on ``eval.batch_size`` and ``memory.render_chunk``)."""
     out: Dict[str, float] = {}
     for measure in ("peak_allocated_mb", "peak_reserved_mb", "peak_live_tensors_mb"):
-        values = [v for k, v in peaks.items() if k.endswith("/" + measure) and k.count("/") == 2]
-        if values:
-            out[f"mem/{measure}"] = max(values)
+        per_phase = {k.split("/")[1]: v for k, v in peaks.items() if k.endswith("/" + measure) and k.count("/") == 2}
+        if per_phase:
+            out[f"mem/{measure}"] = max(per_phase.values())
+        training = [v for phase, v in per_phase.items() if phase in TRAINING_PHASES]
+        if training:
+            out[f"mem/train_{measure}"] = max(training)
     return out
 
 

@@ -140,6 +140,7 @@ def train(cfg: Config, output_dir: Path, tracker_factory: Callable[..., Tracker]
     side = cfg.model.patch.side
     rays_per_iter = 2 * t_cfg.batch_size * side * side  # D fakes + G fakes
     points_per_ray = cfg.model.render.samples_per_ray + cfg.model.render.importance_samples
+    track_other_phases = mem_cfg.track_peak_every > 0  # sample/eval are rare: always measured
     sample_z = torch.randn(t_cfg.num_sample_views, cfg.model.z_dim, generator=torch.Generator().manual_seed(1234))
 
     state = {"iteration": start_iter, "losses": {}, "eval": {}, "perf": {}}
@@ -164,7 +165,7 @@ def train(cfg: Config, output_dir: Path, tracker_factory: Callable[..., Tracker]
         )
 
     def write_samples(iteration: int) -> None:
-        with memory.phase("sample"):
+        with memory.phase("sample", track_live=track_other_phases, state=step.modules_and_optimizers()):
             images = sample_grid(step.sampling_generator, cfg, dataset, sample_z, device)
         path = save_image_grid(images, output_dir / "samples" / f"{iteration:07d}.png", nrow=t_cfg.num_sample_views)
         tracker.log_artifact(path, "samples")
@@ -179,7 +180,7 @@ def train(cfg: Config, output_dir: Path, tracker_factory: Callable[..., Tracker]
     def run_eval(iteration: int) -> None:
         from grafccsr.metrics import evaluate_generator
 
-        with memory.phase("eval"):
+        with memory.phase("eval", track_live=track_other_phases, state=step.modules_and_optimizers()):
             result = evaluate_generator(step.sampling_generator, dataset, cfg, device, seed=t_cfg.seed)
         state["eval"] = result
         tracker.log_metrics({f"eval/{k}": result[k] for k in ("fid", "kid_mean", "kid_std")}, step=iteration)
@@ -287,7 +288,8 @@ def train(cfg: Config, output_dir: Path, tracker_factory: Callable[..., Tracker]
                 path = write_summary(output_dir, summary)
                 try:
                     tracker.set_tags({"status_detail": reason or "finished", "failure_reason": reason or ""})
-                    tracker.log_metrics({k: v for k, v in memory.summary().items()}, step=state["iteration"])
+                    # run-level figures as the last value of each metric (perf: the run's average)
+                    tracker.log_metrics({**memory.summary(), **summary["perf"]}, step=state["iteration"])
                     tracker.log_artifact(path)
                 finally:
                     tracker.end(status)
@@ -350,7 +352,7 @@ def _summary(cfg, state, memory, timing, tracker, output_dir, device, best, stat
              rays_per_iter, points_per_ray) -> Dict[str, Any]:
     peaks = memory.summary()
     is_cuda = device.type == "cuda"
-    peak_key = "mem/peak_reserved_mb" if is_cuda else "mem/peak_live_tensors_mb"
+    peak_key = "mem/train_peak_reserved_mb" if is_cuda else "mem/train_peak_live_tensors_mb"
     it_per_s = timing["iterations"] / timing["seconds"] if timing["seconds"] > 0 else None
     evaluation = dict(state["eval"])
     if best.get("iteration") is not None:
@@ -368,6 +370,7 @@ def _summary(cfg, state, memory, timing, tracker, output_dir, device, best, stat
         "memory": peaks,
         "peak_memory_mb": peaks.get(peak_key),
         "peak_memory_measure": "cuda_peak_reserved" if is_cuda else "peak_live_tensors",
+        "peak_memory_scope": "training step (d_step, g_step); see memory for sample/eval",
         "process_peak_rss_mb": process_peak_rss_mb(),
         "perf": {} if it_per_s is None else {
             "perf/it_per_s": it_per_s,
