@@ -15,7 +15,7 @@ NAME   ?=
 PORT   ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train smoke sweep ablation report bench estimate dashboard ui clean
+.PHONY: help install test test-slow train smoke sweep ablation report bench estimate max-batch calibrate dashboard ui clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,10 +44,10 @@ smoke: install ## a seconds-long end-to-end training run
 sweep: install ## Optuna study: STUDY=smoke|memory_quality TRIALS=N WORKERS=N
 	$(PY) -m grafccsr.sweep sweeps/$(STUDY).yaml $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS) $(ARGS)
 
-ablation: install ## the memory guide's items one by one (CPU preset; ARGS for overrides)
+ablation: install ## memory guide items one by one vs a baseline (CPU ~15 min; ARGS='--preset gpu' on CUDA)
 	$(PY) -m analysis.ablation $(ARGS)
 
-report: install ## write reports/<name>/report.md from MLflow runs (NAME=experiment or sweep)
+report: install ## reports/<NAME>/report.md + html (NAME = MLflow experiment or sweep study; default grafccsr)
 	$(PY) -m analysis.report $(if $(NAME),--name $(NAME)) $(ARGS)
 
 bench: install ## speed/memory benchmark table vs the original preset (DEVICE=cpu|cuda)
@@ -55,6 +55,12 @@ bench: install ## speed/memory benchmark table vs the original preset (DEVICE=cp
 
 estimate: install ## CUDA peak-memory estimate without a GPU: ARGS='+exp=amp_bs8'
 	$(PY) -m grafccsr.memory estimate $(ARGS)
+
+max-batch: install ## largest batch under a memory budget: ARGS='+exp=amp_bs8 budget_mb=24000 [--search-samples]'
+	$(PY) -m grafccsr.memory max-batch $(ARGS)
+
+calibrate: install ## estimator vs measured peaks, CSV + table (DEVICE=cuda on a GPU)
+	$(PY) -m grafccsr.memory calibrate --device $(DEVICE) $(ARGS)
 
 dashboard: install ## Optuna dashboard on sweeps/optuna.db (needs: .venv/bin/pip install optuna-dashboard)
 	$(VENV)/bin/optuna-dashboard sqlite:///$(CURDIR)/sweeps/optuna.db --port 8080

@@ -594,8 +594,8 @@ def findings(table: pd.DataFrame) -> List[str]:
         out.append(text + ".")
     if not cuda:
         out.append("On a CPU, items 2, 5, 7 and 10 act on CUDA only (pinned host memory, asynchronous copies, "
-                   "the caching allocator, moving samples off the GPU) and the sampling/eval phases are not "
-                   "tracked, so their change in live tensor memory says nothing about a GPU.")
+                   "the caching allocator, moving samples off the GPU) and the memory column is the training "
+                   "step's peak, so their change in live tensor memory says nothing about a GPU.")
     return out
 
 

@@ -325,9 +325,13 @@ class MemoryConfig:
     eval_to_cpu: bool = True
     """Guide #10: move each evaluation/sample batch to the CPU at once."""
     grad_checkpoint: bool = False
-    """Not in the guide: activation checkpointing of the radiance field."""
+    """Not in the guide: activation checkpointing of the radiance field in segments of
+    at most 2^18 points (models/render.py CHECKPOINT_SEGMENT_POINTS); backward
+    recomputes one segment at a time."""
     render_chunk: int = 0
-    """Not in the guide: rays rendered per chunk (0 = all at once)."""
+    """Not in the guide: rays rendered per chunk (0 = all at once). No-grad renders
+    (D-step fakes, samples, eval) are segmented anyway (models/render.py
+    NO_GRAD_SEGMENT_POINTS)."""
     track_peak_every: int = 50
     """Measure the device-agnostic peak (live tensor bytes) on every N-th
     iteration (and the first two); 0 = never. Other steps run untouched."""

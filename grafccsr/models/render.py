@@ -16,6 +16,14 @@ from torch.utils.checkpoint import checkpoint
 from grafccsr.config import RenderConfig
 
 _LAST_DELTA = 1e10  # the last sample's interval reaches "infinity": it absorbs what is left
+CHECKPOINT_SEGMENT_POINTS = 1 << 18
+"""Points per checkpointed segment of the field (``grad_checkpoint``). Backward recomputes
+one segment at a time, so the field's activations peak at one segment's worth; a single
+segment (the whole field) would recompute everything at once and lower no peak."""
+NO_GRAD_SEGMENT_POINTS = 1 << 18
+"""Without autograd (the D step's fakes, samples, evaluation) the field runs on at most
+this many points at a time: the same result, but the MLP's temporaries stay bounded
+(an evaluation batch of 32 whole 64x64 images at 64 samples is 8.4 M points)."""
 
 
 def density_noise_std(cfg: RenderConfig, iteration: int) -> float:
@@ -121,15 +129,32 @@ def stratified_depths(
 
 
 def _query_field(field, origins, directions, depths, z_shape, z_appearance, grad_checkpoint):
-    """Evaluate the field at every (ray, depth): rgb (B, R, S, 3), raw sigma (B, R, S)."""
+    """Evaluate the field at every (ray, depth): rgb (B, R, S, 3), raw sigma (B, R, S).
+
+    The field runs on segments of whole rays: with ``grad_checkpoint`` (and grad
+    enabled) checkpointed segments of at most :data:`CHECKPOINT_SEGMENT_POINTS` points,
+    without grad segments of at most :data:`NO_GRAD_SEGMENT_POINTS` points, otherwise
+    all points at once (saved activations are needed anyway).
+    """
     b, r, s = depths.shape
     points = origins[:, :, None, :] + directions[:, :, None, :] * depths[..., None]
     view_dirs = F.normalize(directions, dim=-1)[:, :, None, :].expand(b, r, s, 3)
-    args = (points.reshape(b, r * s, 3), view_dirs.reshape(b, r * s, 3), z_shape, z_appearance)
+    points, view_dirs = points.reshape(b, r * s, 3), view_dirs.reshape(b, r * s, 3)
+    run, segment_points = field, None
     if grad_checkpoint and torch.is_grad_enabled():
-        rgb, sigma_raw = checkpoint(field, *args, use_reentrant=False)
+        segment_points = CHECKPOINT_SEGMENT_POINTS
+
+        def run(*args):
+            return checkpoint(field, *args, use_reentrant=False)
+    elif not torch.is_grad_enabled():
+        segment_points = NO_GRAD_SEGMENT_POINTS
+    rays = r if segment_points is None else max(1, segment_points // (b * s))
+    if rays >= r:
+        rgb, sigma_raw = run(points, view_dirs, z_shape, z_appearance)
     else:
-        rgb, sigma_raw = field(*args)
+        parts = [run(points[:, i * s:(i + rays) * s], view_dirs[:, i * s:(i + rays) * s], z_shape, z_appearance)
+                 for i in range(0, r, rays)]
+        rgb, sigma_raw = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
     # composite in the rays' precision: cumprod over many samples is unstable in bf16/fp16
     return rgb.reshape(b, r, s, 3).to(depths.dtype), sigma_raw.reshape(b, r, s).to(depths.dtype)
 

@@ -33,6 +33,7 @@ from grafccsr.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from grafccsr.training.compile import compile_field
 from grafccsr.training.images import save_image_grid
 from grafccsr.training.step import Batch, GanStep, NonFiniteLoss
 
@@ -107,7 +108,7 @@ def train(cfg: Config, output_dir: Path, tracker_factory: Callable[..., Tracker]
     generator.to(device)
     discriminator.to(device)
     if t_cfg.compile:
-        generator.field = _compiled(generator.field)
+        compile_field(generator)
     step = GanStep(cfg, generator, discriminator, device)
 
     start_iter, run_id, best = 0, None, {"value": math.inf, "iteration": None}
@@ -323,14 +324,6 @@ def sample_grid(generator, cfg: Config, dataset, z: torch.Tensor, device: torch.
         )
     finally:
         generator.train(was_training)
-
-
-def _compiled(module: torch.nn.Module) -> torch.nn.Module:
-    try:
-        return torch.compile(module)
-    except Exception as err:  # platforms without a working compiler
-        print(f"torch.compile unavailable ({type(err).__name__}: {err}); running eager")
-        return module
 
 
 def _git_tags() -> Dict[str, str]:
