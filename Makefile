@@ -35,7 +35,7 @@ test: install ## run the test suite (fast tests; slow and gpu tests are opt-in)
 test-slow: install ## run the slow tests too
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 
-train: install ## train the default job on the embedded dataset (CPU: ~15 min); ARGS='+exp=amp_bs8 ...'
+train: install ## train the default job on the embedded dataset (CPU: ~12 min); ARGS='+exp=amp_bs8 ...'
 	$(PY) -m grafccsr.train $(ARGS)
 
 smoke: install ## a seconds-long end-to-end training run
