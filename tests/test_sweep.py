@@ -313,7 +313,10 @@ def test_interrupt_requeues_and_timeout(tmp_path, fake_trainer, monkeypatch):
                         enqueue=[{"train.batch_size": 2, "model.render.samples_per_ray": 4}])
     proc = subprocess.Popen([sys.executable, "-m", "grafccsr.sweep", str(study), "--storage",
                              f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", "none", "--runs-root",
-                             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # a shell running us in the background (`make test &`, nohup) leaves SIGINT
+                            # ignored, and children inherit that; restore the default like a terminal has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output = []
     for line in proc.stdout:  # wait until the trial runs
         output.append(line)
