@@ -172,6 +172,19 @@ class GanStep:
         chunks = {k: v.chunk(parts) for k, v in inputs.items()}
         return [{k: chunks[k][i] for k in inputs} for i in range(parts)]
 
+    def _apply_update(self, name: str, sums: Dict[str, torch.Tensor], optimizer, scaler, scheduler,
+                      iteration: int, check_finite: bool) -> bool:
+        """Step optimiser, scaler and schedule unless ``sums[name]`` is not finite
+        (then the gradients are dropped and ``sums["skipped"]`` is set). True if applied."""
+        if check_finite and not self._check(name, sums[name], iteration):
+            optimizer.zero_grad(set_to_none=True)
+            sums["skipped"] = torch.ones((), device=self.device)
+            return False
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        return True
+
     def _check(self, name: str, value: torch.Tensor, iteration: int) -> bool:
         """True if finite. With nan_policy=stop, raise instead of returning False."""
         if bool(torch.isfinite(value)):
@@ -226,13 +239,7 @@ class GanStep:
             self.scaler_d.scale(total / accum).backward()
             if mem.eager_free:
                 del real, real_logits, real_aux, fake_logits, loss, total
-        if check_finite and not self._check("loss/d", sums["loss/d"], iteration):
-            self.opt_d.zero_grad(set_to_none=True)
-            sums["skipped"] = torch.ones(())
-            return sums
-        self.scaler_d.step(self.opt_d)
-        self.scaler_d.update()
-        self.sched_d.step()
+        self._apply_update("loss/d", sums, self.opt_d, self.scaler_d, self.sched_d, iteration, check_finite)
         return sums
 
     # ----------------------------------------------------------------- G step
@@ -264,14 +271,8 @@ class GanStep:
                 self.scaler_g.scale(total / accum).backward()
                 if mem.eager_free:
                     del fakes, fake_logits, fake_aux, loss, total
-        if check_finite and not self._check("loss/g", sums["loss/g"], iteration):
-            self.opt_g.zero_grad(set_to_none=True)
-            sums["skipped"] = torch.ones(())
-            return sums
-        self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
-        self.sched_g.step()
-        self.update_ema()
+        if self._apply_update("loss/g", sums, self.opt_g, self.scaler_g, self.sched_g, iteration, check_finite):
+            self.update_ema()
         return sums
 
     @torch.no_grad()
