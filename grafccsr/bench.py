@@ -48,9 +48,11 @@ MB = 1024.0 * 1024.0
 # --------------------------------------------------------------------------- grids
 
 ORIGINAL = "+exp=graf_ccsr_original"
-OURS = ["memory.set_to_none=true", "memory.eager_free=true", "memory.fakes_without_graph=true"]
+OURS_MEMORY = ["memory.set_to_none=true", "memory.eager_free=true", "memory.fakes_without_graph=true"]
+OURS = OURS_MEMORY + ["memory.retain_host_memory=true"]
 """Our defaults that do not change the maths: fakes for the D step rendered without a
-graph (D sees them detached anyway), zero_grad(set_to_none=True), eager ``del``."""
+graph (D sees them detached anyway), zero_grad(set_to_none=True), eager ``del``, and on
+CPU freed host memory kept in the process (no page faults for fresh large tensors)."""
 BF16 = ["train.amp.policy=generator", "train.amp.dtype=bf16"]
 
 
@@ -77,23 +79,28 @@ class Grid:
 
 
 def _grid_default() -> Grid:
-    base = [ORIGINAL, "train.batch_size=2", "model.patch.rays_per_patch=256", "model.render.samples_per_ray=16"]
+    # 2 x 1024 x 32 = 65536 points per render: each activation of the field is 64 MB,
+    # over glibc's 32 MiB mmap ceiling, as at the original's real sizes
+    base = [ORIGINAL, "train.batch_size=2", "model.patch.rays_per_patch=1024", "model.render.samples_per_ray=32"]
     return Grid(
         name="default",
         base=base,
         reduced=(
             "CPU-sized, the same for the reference and every ours_* row: +exp=graf_ccsr_original (GRAF model 8x256, "
-            "whole-image patches, CCSR regulariser, BN D, R1 80) with batch 8->2, rays/patch 4096 (64^2)->256 (16^2), "
-            "samples/ray 64->16 (ours_s8 halves the samples on purpose; default_cfg is our default config)"
+            "whole-image patches, CCSR regulariser, BN D, R1 80) with batch 8->2, rays/patch 4096 (64^2)->1024 (32^2), "
+            "samples/ray 64->32 (ours_s16 halves the samples on purpose; default_cfg is our default config)"
         ),
         rows=[
             Row("original", "original preset (reference)"),
-            Row("ours", "ours, equal maths (graph-free fakes, set_to_none, eager del)", OURS),
-            Row("ours_ckpt", "ours + grad checkpointing", OURS + ["memory.grad_checkpoint=true"]),
-            Row("ours_chunk", "ours + render chunking (64 rays)", OURS + ["memory.render_chunk=64"]),
+            Row("ours", "ours, equal maths (graph-free fakes, set_to_none, eager del, retained host memory)", OURS),
+            Row("ours_os_alloc", "ours without retain_host_memory (freed blocks back to the OS)", OURS_MEMORY),
+            Row("ours_ckpt", "ours + grad checkpointing, segments of 16384 points (4 per render)",
+                OURS + ["memory.grad_checkpoint=true", "memory.checkpoint_segment_points=16384",
+                        "memory.no_grad_segment_points=16384"]),
+            Row("ours_chunk", "ours + render chunking (256 rays)", OURS + ["memory.render_chunk=256"]),
             Row("ours_accum2", "ours + grad accumulation 2", OURS + ["train.grad_accum_steps=2"]),
-            Row("ours_s8", "ours + fewer samples 16->8 (quality not measured here)",
-                OURS + ["model.render.samples_per_ray=8"]),
+            Row("ours_s16", "ours + fewer samples 32->16 (quality not measured here)",
+                OURS + ["model.render.samples_per_ray=16"]),
             Row("default_cfg", "default train config (model=small; NOT equal maths)", ["tracking=none"],
                 replace_base=True),
         ],
@@ -221,6 +228,8 @@ class Result:
     est_alloc_mb: float = math.nan
     est_reserved_mb: float = math.nan
     compiled: bool = False
+    host_memory_retained: bool = False
+    """CPU: the row ran with ``memory.retain_host_memory`` in effect (glibc)."""
 
 
 COLUMNS = [f.name for f in Result.__dataclass_fields__.values()]
@@ -279,6 +288,7 @@ class RowRunner:
         """One D + G iteration; returns (d, g, total) seconds."""
         step, batch, device = self.step, self.batch, self.device
         clock = self.clock
+        self._host_allocator()
         _sync(device)
         t0 = clock()
         step.d_step(batch, self.iteration)
@@ -295,6 +305,15 @@ class RowRunner:
         if record:
             self.times.append((t1 - t0, t2 - t1, t2 - t0))
         return t1 - t0, t2 - t1, t2 - t0
+
+    def _host_allocator(self) -> None:
+        """Each row runs with its own ``memory.retain_host_memory`` (process-wide, so it
+        is set again before every iteration when rows are interleaved)."""
+        from grafccsr.memory.host_allocator import set_retain_host_memory
+
+        if self.device.type == "cpu":
+            retain = self.cfg.memory.retain_host_memory
+            self.result.host_memory_retained = set_retain_host_memory(retain, warn=False) and retain
 
     def warm_up(self) -> None:
         """An untimed iteration. A compiled field that fails here (torch.compile compiles
@@ -333,6 +352,7 @@ class RowRunner:
         from grafccsr.memory.tracker import PhaseMemory
 
         r, step, batch = self.result, self.step, self.batch
+        self._host_allocator()
         track_live = not r.compiled
         memory = PhaseMemory(self.device)
         state = step.modules_and_optimizers() + (batch.images, batch.labels)

@@ -326,12 +326,26 @@ class MemoryConfig:
     """Guide #10: move each evaluation/sample batch to the CPU at once."""
     grad_checkpoint: bool = False
     """Not in the guide: activation checkpointing of the radiance field in segments of
-    at most 2^18 points (models/render.py CHECKPOINT_SEGMENT_POINTS); backward
-    recomputes one segment at a time."""
+    at most ``checkpoint_segment_points`` points; backward recomputes one segment at a
+    time."""
+    checkpoint_segment_points: int = 65536
+    """Points (rays x samples) per checkpointed segment of the field (with
+    ``grad_checkpoint``). The field's activations peak at about one segment's worth
+    (~9 KB per point at GRAF's 8x256 in fp32): smaller segments, lower peak, more
+    Python overhead per step. Whole rays are kept together."""
     render_chunk: int = 0
     """Not in the guide: rays rendered per chunk (0 = all at once). No-grad renders
-    (D-step fakes, samples, eval) are segmented anyway (models/render.py
-    NO_GRAD_SEGMENT_POINTS)."""
+    (D-step fakes, samples, eval) are segmented anyway (``no_grad_segment_points``)."""
+    no_grad_segment_points: int = 65536
+    """Renders without autograd (the D step's fakes, samples, evaluation) run the field
+    on at most this many points at a time: the same result, with the MLP's temporaries
+    bounded (an evaluation batch of 32 whole 64x64 images at 64 samples is 8.4 M points)."""
+    retain_host_memory: bool = True
+    """Not in the guide, CPU (glibc) only: keep memory that tensors free inside the
+    process (``mallopt``: no mmap for large blocks, no trimming) instead of returning
+    it to the OS, which then has to fault in and zero fresh pages for every large
+    tensor of the next iteration. Faster CPU steps; the process's RSS stays at its
+    peak. No effect on CUDA memory, nor off glibc (a warning says so)."""
     track_peak_every: int = 50
     """Measure the device-agnostic peak (live tensor bytes) on every N-th
     iteration (and the first two); 0 = never. Other steps run untouched."""
@@ -534,6 +548,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"memory.loader_workers={mem.loader_workers} must be >= 0")
     _positive("memory.prefetch_factor", mem.prefetch_factor)
     _positive("memory.render_chunk", mem.render_chunk, allow_zero=True)
+    _positive("memory.checkpoint_segment_points", mem.checkpoint_segment_points)
+    _positive("memory.no_grad_segment_points", mem.no_grad_segment_points)
     _positive("memory.empty_cache_every", mem.empty_cache_every, allow_zero=True)
     _positive("memory.track_peak_every", mem.track_peak_every, allow_zero=True)
 

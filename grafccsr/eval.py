@@ -290,6 +290,7 @@ def render_poses(generator, cfg, device, z, class_idx, u, v, *, resolution: int,
                 generator, z[sl].to(device), class_idx[sl].to(device), u[sl].to(device), v[sl].to(device),
                 radius=cam.radius, image_size=resolution, ccsr_mode=cfg.model.ccsr.mode,
                 ccsr_scale=cfg.model.ccsr.scale, batch_size=step, render_chunk=cfg.memory.render_chunk,
+                no_grad_segment_points=cfg.memory.no_grad_segment_points,
                 to_cpu=cfg.memory.eval_to_cpu, return_depth=depth,
             )
             images, depths = out if depth else (out, None)

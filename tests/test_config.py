@@ -76,6 +76,8 @@ def test_unknown_key_in_a_yaml_file_fails(tmp_path):
         ("data.kind=folder", "data.root"),
         ("train.device=tpu", "train.device"),
         ("model.ccsr.num_views=7", "model.ccsr.num_views"),
+        ("memory.checkpoint_segment_points=0", "memory.checkpoint_segment_points"),
+        ("memory.no_grad_segment_points=-1", "memory.no_grad_segment_points"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(override, key):
@@ -101,3 +103,11 @@ def test_train_cli_prints_composed_config():
                          capture_output=True, text=True, timeout=120, cwd=Path(CONF_DIR).parent)
     assert out.returncode == 0, out.stderr
     assert "samples_per_ray: 64" in out.stdout and "exp_name: amp_bs8" in out.stdout
+
+
+def test_memory_lean_group_adds_checkpointing_to_the_defaults():
+    lean, default = load_config(["memory=lean"]).memory, load_config([]).memory
+    assert lean.grad_checkpoint and not default.grad_checkpoint
+    assert lean.checkpoint_segment_points == lean.no_grad_segment_points == 16384
+    assert (lean.set_to_none, lean.fakes_without_graph, lean.retain_host_memory) == (
+        default.set_to_none, default.fakes_without_graph, default.retain_host_memory)

@@ -150,19 +150,25 @@ def test_max_batch_cpu_path(warm, capsys):
 # --------------------------------------------------------------------------- what the estimates showed
 
 
-def test_checkpointing_in_segments_lowers_the_g_step_peak(monkeypatch):
+def test_checkpointing_in_segments_lowers_the_g_step_peak():
     """Checkpointing the whole field as one segment recomputes all of it at once in
-    backward and lowers no peak; segments of rays do (the estimator found this)."""
-    import grafccsr.models.render as render
+    backward and lowers no peak; segments of rays do (the estimator found this), and
+    smaller segments lower it further."""
+    def g_peak(*overrides):
+        return measure_real(load_config(SMOKE + list(overrides)), 2, torch.device("cpu"), iterations=1,
+                            phases=("g_step",))["live"]
 
-    plain = measure_real(load_config(SMOKE), 2, torch.device("cpu"), iterations=1, phases=("g_step",))
-    monkeypatch.setattr(render, "CHECKPOINT_SEGMENT_POINTS", 1024)  # smoke renders 2 x 256 x 8 points
-    ckpt = measure_real(load_config(SMOKE + ["memory.grad_checkpoint=true"]), 2, torch.device("cpu"), iterations=1,
-                        phases=("g_step",))
-    assert ckpt["live"] < 0.5 * plain["live"]
+    plain = g_peak()
+    # smoke renders 2 x 256 x 8 = 4096 points
+    one_segment = g_peak("memory.grad_checkpoint=true", "memory.checkpoint_segment_points=4096")
+    segments_1024 = g_peak("memory.grad_checkpoint=true", "memory.checkpoint_segment_points=1024")
+    segments_256 = g_peak("memory.grad_checkpoint=true", "memory.checkpoint_segment_points=256")
+    assert one_segment > 0.9 * plain
+    assert segments_1024 < 0.5 * plain
+    assert segments_256 < segments_1024
 
 
-def test_segmented_rendering_gives_the_same_result(monkeypatch):
+def test_segmented_rendering_gives_the_same_result():
     import grafccsr.models.render as render
     from grafccsr.models.field import RadianceField
 
@@ -176,12 +182,66 @@ def test_segmented_rendering_gives_the_same_result(monkeypatch):
     whole.square().sum().backward()
     grads = [p.grad.clone() for p in field.parameters()]
     field.zero_grad(set_to_none=True)
-    monkeypatch.setattr(render, "CHECKPOINT_SEGMENT_POINTS", 100)
-    monkeypatch.setattr(render, "NO_GRAD_SEGMENT_POINTS", 100)
     with torch.no_grad():
-        torch.testing.assert_close(render.render_rays(field, origins, directions, z_shape, z_app, **kwargs)["rgb"], whole)
-    segmented = render.render_rays(field, origins, directions, z_shape, z_app, grad_checkpoint=True, **kwargs)["rgb"]
+        torch.testing.assert_close(render.render_rays(field, origins, directions, z_shape, z_app,
+                                                      no_grad_segment_points=100, **kwargs)["rgb"], whole)
+    segmented = render.render_rays(field, origins, directions, z_shape, z_app, grad_checkpoint=True,
+                                   checkpoint_segment_points=100, **kwargs)["rgb"]
     torch.testing.assert_close(segmented, whole)
     segmented.square().sum().backward()
     for a, b in zip(grads, (p.grad for p in field.parameters())):
         torch.testing.assert_close(b, a)
+
+
+def test_retained_host_memory_is_reused_without_page_faults():
+    """memory.retain_host_memory: a freed 64 MB tensor's pages are reused by the next
+    one instead of being unmapped and faulted in (and zeroed) again."""
+    import resource
+
+    from grafccsr.memory.host_allocator import host_allocator_supported, set_retain_host_memory
+
+    if not host_allocator_supported():
+        pytest.skip("needs glibc's mallopt")
+
+    def faults_for_a_fresh_tensor() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.ones(16 * 2**20)  # 64 MB, every page written
+        del x
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    try:
+        assert set_retain_host_memory(False)
+        faults_for_a_fresh_tensor()
+        given_back = faults_for_a_fresh_tensor()
+        assert set_retain_host_memory(True)
+        faults_for_a_fresh_tensor()
+        retained = faults_for_a_fresh_tensor()
+    finally:
+        set_retain_host_memory(False)
+    if given_back < 1000:  # 16384 pages of 4 KiB; transparent huge pages make far fewer
+        pytest.skip(f"only {given_back} page faults for 64 MB here (huge pages?): nothing to compare")
+    assert retained < 0.05 * given_back
+
+
+def test_peak_rss_resets_and_rss_command_reports_iterations(tmp_path, capsys):
+    """`python -m grafccsr.memory rss`: per-iteration seconds and the peak RSS above
+    the baseline, the high-water mark reset before the first iteration."""
+    import json
+
+    from grafccsr.memory.__main__ import main
+    from grafccsr.memory.process import peak_rss_mb, process_memory_supported, reset_peak_rss, rss_mb
+
+    if not process_memory_supported():
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    big = torch.ones(64 * 2**20)  # 256 MB resident
+    del big
+    assert peak_rss_mb() > rss_mb() + 100  # the high-water mark remembers it
+    reset_peak_rss()
+    assert peak_rss_mb() < rss_mb() + 50
+
+    out = tmp_path / "rss.json"
+    assert main(["rss", "+exp=smoke", "--iterations", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["iteration_s"]) == 2 and all(s > 0 for s in result["iteration_s"])
+    assert result["peak_rss_above_baseline_mb"] >= 0 and result["baseline_rss_mb"] > 0
+    assert "peak RSS above baseline" in capsys.readouterr().out

@@ -4,6 +4,8 @@ estimate   [overrides]                         CUDA peak estimate without a GPU 
 calibrate  [--device cpu|cuda] [overrides]     estimate vs measured over a small grid -> CSV + table
 max-batch  [overrides] budget_mb=N [--search-samples] [--device cpu|cuda]
                                                largest batch (and samples/ray) under a budget
+rss        [overrides] [--iterations N] [--threads N]
+                                               CPU: s/iteration and peak process RSS above baseline
 """
 
 from __future__ import annotations
@@ -247,6 +249,34 @@ def cmd_max_batch(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- rss
+
+
+def cmd_rss(args) -> int:
+    from grafccsr.config import load_config
+    from grafccsr.memory.estimate import default_num_classes
+    from grafccsr.memory.process import measure_process
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(list(args.overrides) + ["tracking=none", "train.device=cpu"])
+    result = measure_process(cfg, args.num_classes or default_num_classes(cfg), args.iterations)
+    shown = " ".join(args.overrides) or "(default config)"
+    print(f"config: {shown}")
+    print(f"cpu threads {result.threads}, freed host memory retained in the process "
+          f"(memory.retain_host_memory): {result.host_memory_retained}")
+    print(f"seconds per D+G iteration: median {result.median_s:.2f} "
+          f"({', '.join(f'{s:.2f}' for s in result.iteration_s)})")
+    print(f"peak RSS above baseline: {result.peak_rss_above_baseline_mb:.0f} MiB "
+          f"(baseline {result.baseline_rss_mb:.0f} MiB after building models, optimisers and batch)")
+    if args.json:
+        from dataclasses import asdict
+
+        Path(args.json).write_text(json.dumps({"config": shown, **asdict(result), "median_s": result.median_s}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -283,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-classes", type=int, default=None)
     m.add_argument("--cap", type=int, default=1024, help="largest batch considered")
     m.set_defaults(func=cmd_max_batch)
+
+    r = sub.add_parser("rss", help="CPU: seconds per iteration and peak process RSS above baseline (Linux)")
+    r.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +exp=graf_ccsr_original")
+    r.add_argument("--iterations", type=int, default=2, help="D+G iterations, every one timed (default 2)")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    r.add_argument("--num-classes", type=int, default=None)
+    r.add_argument("--json", default=None, help="also write the result as JSON here")
+    r.set_defaults(func=cmd_rss)
     return p
 
 

@@ -479,7 +479,8 @@ def _render(generator, cfg: Config, count: int, size: int, num_classes: int) -> 
         v = torch.full((count,), cfg.data.elevation_v[0])
         render_views(generator, z, class_idx, u, v, radius=cfg.data.camera.radius, image_size=size,
                      ccsr_mode=cfg.model.ccsr.mode, ccsr_scale=cfg.model.ccsr.scale, batch_size=count,
-                     render_chunk=cfg.memory.render_chunk, to_cpu=cfg.memory.eval_to_cpu)
+                     render_chunk=cfg.memory.render_chunk, to_cpu=cfg.memory.eval_to_cpu,
+                     no_grad_segment_points=cfg.memory.no_grad_segment_points)
     finally:
         generator.train(was_training)
 

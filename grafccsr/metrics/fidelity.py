@@ -332,6 +332,7 @@ def render_fakes(
                 ccsr_scale=ccsr.scale,
                 batch_size=step,
                 render_chunk=cfg.memory.render_chunk,
+                no_grad_segment_points=cfg.memory.no_grad_segment_points,
                 to_cpu=cfg.memory.eval_to_cpu,
             )
             out[sl] = to_uint8(images).cpu()

@@ -9,7 +9,7 @@ from grafccsr.camera import pose_matrix, rays_from_grid
 from grafccsr.config import CameraConfig, ModelConfig
 from grafccsr.models.ccsr import CCSR
 from grafccsr.models.field import RadianceField
-from grafccsr.models.render import density_noise_std, render_rays
+from grafccsr.models.render import CHECKPOINT_SEGMENT_POINTS, NO_GRAD_SEGMENT_POINTS, density_noise_std, render_rays
 from grafccsr.models.rays import upsample_grid
 
 _CLASS_EMBEDDING_STD = 0.1
@@ -62,6 +62,8 @@ class Generator(nn.Module):
         perturb: bool = True,
         render_chunk: int = 0,
         grad_checkpoint: bool = False,
+        checkpoint_segment_points: int = CHECKPOINT_SEGMENT_POINTS,
+        no_grad_segment_points: int = NO_GRAD_SEGMENT_POINTS,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Render patches at camera-to-world c2w (B, 4, 4) through grid (B, P, P, 2).
@@ -90,6 +92,8 @@ class Generator(nn.Module):
             white_background=cfg.white_background,
             chunk=render_chunk,
             grad_checkpoint=grad_checkpoint,
+            checkpoint_segment_points=checkpoint_segment_points,
+            no_grad_segment_points=no_grad_segment_points,
             generator=generator,
         )
         return {

@@ -16,14 +16,15 @@ from torch.utils.checkpoint import checkpoint
 from grafccsr.config import RenderConfig
 
 _LAST_DELTA = 1e10  # the last sample's interval reaches "infinity": it absorbs what is left
-CHECKPOINT_SEGMENT_POINTS = 1 << 18
-"""Points per checkpointed segment of the field (``grad_checkpoint``). Backward recomputes
-one segment at a time, so the field's activations peak at one segment's worth; a single
-segment (the whole field) would recompute everything at once and lower no peak."""
-NO_GRAD_SEGMENT_POINTS = 1 << 18
-"""Without autograd (the D step's fakes, samples, evaluation) the field runs on at most
-this many points at a time: the same result, but the MLP's temporaries stay bounded
-(an evaluation batch of 32 whole 64x64 images at 64 samples is 8.4 M points)."""
+CHECKPOINT_SEGMENT_POINTS = 1 << 16
+"""Default points per checkpointed segment of the field (``grad_checkpoint``; the config's
+``memory.checkpoint_segment_points``). Backward recomputes one segment at a time, so the
+field's activations peak at one segment's worth; a single segment (the whole field) would
+recompute everything at once and lower no peak."""
+NO_GRAD_SEGMENT_POINTS = 1 << 16
+"""Default for renders without autograd (the D step's fakes, samples, evaluation;
+``memory.no_grad_segment_points``): the field runs on at most this many points at a time,
+the same result with the MLP's temporaries bounded."""
 
 
 def density_noise_std(cfg: RenderConfig, iteration: int) -> float:
@@ -51,6 +52,8 @@ def render_rays(
     white_background: bool = False,
     chunk: int = 0,
     grad_checkpoint: bool = False,
+    checkpoint_segment_points: int = CHECKPOINT_SEGMENT_POINTS,
+    no_grad_segment_points: int = NO_GRAD_SEGMENT_POINTS,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Render rays through a field with forward(points, view_dirs, z_shape, z_appearance).
@@ -61,7 +64,9 @@ def render_rays(
     from the coarse weights and re-renders all of them with the same field (GRAF
     uses one network). ``noise_std``: Gaussian noise on raw density. ``chunk`` > 0
     renders at most that many rays at a time (less peak memory, same result).
-    ``grad_checkpoint`` recomputes the field's activations in backward.
+    ``grad_checkpoint`` recomputes the field's activations in backward, in segments of
+    at most ``checkpoint_segment_points`` points; without autograd the field runs on at
+    most ``no_grad_segment_points`` points at a time.
 
     Returns ``rgb`` (B, R, 3) in [-1, 1], ``depth`` (B, R) (expected t, with empty
     space contributing 0: divide by ``acc`` for the depth of what was hit) and
@@ -76,6 +81,8 @@ def render_rays(
         noise_std=noise_std,
         white_background=white_background,
         grad_checkpoint=grad_checkpoint,
+        checkpoint_segment_points=checkpoint_segment_points,
+        no_grad_segment_points=no_grad_segment_points,
         generator=generator,
     )
     num_rays = origins.shape[1]
@@ -90,19 +97,22 @@ def render_rays(
 
 def _render(
     field, origins, directions, z_shape, z_appearance, *, near, far, samples_per_ray, importance_samples,
-    perturb, noise_std, white_background, grad_checkpoint, generator,
+    perturb, noise_std, white_background, grad_checkpoint, checkpoint_segment_points, no_grad_segment_points,
+    generator,
 ) -> dict[str, torch.Tensor]:
     depths = stratified_depths(origins, near, far, samples_per_ray, perturb, generator)
     if importance_samples > 0:
         # the coarse pass only places the fine samples (its weights are detached), so it
         # needs no graph; its depths are re-rendered with gradient in the merged pass
         with torch.no_grad():
-            rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance, False)
+            rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance,
+                                          no_grad_segment_points=no_grad_segment_points)
             weights = composite(rgb, sigma_raw, depths, directions, noise_std, generator)["weights"]
         mids = 0.5 * (depths[..., 1:] + depths[..., :-1])
         fine = sample_pdf(mids, weights[..., 1:-1], importance_samples, not perturb, generator)
         depths = torch.sort(torch.cat([depths, fine], dim=-1), dim=-1).values
-    rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance, grad_checkpoint)
+    rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance,
+                                  checkpoint_segment_points if grad_checkpoint else 0, no_grad_segment_points)
     out = composite(rgb, sigma_raw, depths, directions, noise_std, generator)
     colour = out["rgb"]
     if white_background:
@@ -128,12 +138,13 @@ def stratified_depths(
     return lower + (upper - lower) * jitter
 
 
-def _query_field(field, origins, directions, depths, z_shape, z_appearance, grad_checkpoint):
+def _query_field(field, origins, directions, depths, z_shape, z_appearance, checkpoint_segment_points=0,
+                 no_grad_segment_points=NO_GRAD_SEGMENT_POINTS):
     """Evaluate the field at every (ray, depth): rgb (B, R, S, 3), raw sigma (B, R, S).
 
-    The field runs on segments of whole rays: with ``grad_checkpoint`` (and grad
-    enabled) checkpointed segments of at most :data:`CHECKPOINT_SEGMENT_POINTS` points,
-    without grad segments of at most :data:`NO_GRAD_SEGMENT_POINTS` points, otherwise
+    The field runs on segments of whole rays: with ``checkpoint_segment_points`` > 0 (and
+    grad enabled) checkpointed segments of at most that many points,
+    without grad segments of at most ``no_grad_segment_points`` points, otherwise
     all points at once (saved activations are needed anyway).
     """
     b, r, s = depths.shape
@@ -141,13 +152,13 @@ def _query_field(field, origins, directions, depths, z_shape, z_appearance, grad
     view_dirs = F.normalize(directions, dim=-1)[:, :, None, :].expand(b, r, s, 3)
     points, view_dirs = points.reshape(b, r * s, 3), view_dirs.reshape(b, r * s, 3)
     run, segment_points = field, None
-    if grad_checkpoint and torch.is_grad_enabled():
-        segment_points = CHECKPOINT_SEGMENT_POINTS
+    if checkpoint_segment_points > 0 and torch.is_grad_enabled():
+        segment_points = checkpoint_segment_points
 
         def run(*args):
             return checkpoint(field, *args, use_reentrant=False)
     elif not torch.is_grad_enabled():
-        segment_points = NO_GRAD_SEGMENT_POINTS
+        segment_points = no_grad_segment_points
     rays = r if segment_points is None else max(1, segment_points // (b * s))
     if rays >= r:
         rgb, sigma_raw = run(points, view_dirs, z_shape, z_appearance)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from grafccsr.camera import full_grid, pose_matrix
+from grafccsr.models.render import NO_GRAD_SEGMENT_POINTS
 
 
 @torch.no_grad()
@@ -21,6 +22,7 @@ def render_views(
     ccsr_scale: int = 1,
     batch_size: int = 8,
     render_chunk: int = 0,
+    no_grad_segment_points: int = NO_GRAD_SEGMENT_POINTS,
     to_cpu: bool = True,
     return_depth: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +42,8 @@ def render_views(
         batch = z[sl].shape[0]
         c2w = pose_matrix(u[sl], v[sl], radius)
         grid = full_grid(render_size, batch, device=device)
-        out = generator.render(z[sl], class_idx[sl], c2w, grid, 0, perturb=False, render_chunk=render_chunk)
+        out = generator.render(z[sl], class_idx[sl], c2w, grid, 0, perturb=False, render_chunk=render_chunk,
+                                 no_grad_segment_points=no_grad_segment_points)
         rgb = out["rgb"]
         if use_sr:
             rgb = generator.super_resolve(rgb, u[sl], full_grid(image_size, batch, device=device))

@@ -157,6 +157,8 @@ class GanStep:
                 perturb=self.cfg.model.render.perturb,
                 render_chunk=mem.render_chunk,
                 grad_checkpoint=mem.grad_checkpoint,
+                checkpoint_segment_points=mem.checkpoint_segment_points,
+                no_grad_segment_points=mem.no_grad_segment_points,
                 generator=self.rng,
             )
         fakes = {"rgb": out["rgb"], "d_input": out["rgb"]}
