@@ -15,7 +15,7 @@ NAME   ?=
 PORT   ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train smoke sweep ablation report bench estimate max-batch calibrate dashboard ui clean
+.PHONY: help install test test-slow train smoke sweep ablation report bench estimate max-batch calibrate rss gpu-check gpu-wheels dashboard ui clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,6 +61,17 @@ max-batch: install ## largest batch under a memory budget: ARGS='+exp=amp_bs8 bu
 
 calibrate: install ## estimator vs measured peaks, CSV + table (DEVICE=cuda on a GPU)
 	$(PY) -m grafccsr.memory calibrate --device $(DEVICE) $(ARGS)
+
+rss: install ## CPU: s/iteration and peak process RSS above baseline: ARGS='+exp=graf_ccsr_original --threads 2'
+	$(PY) -m grafccsr.memory rss $(ARGS)
+
+gpu-check: ## on a CUDA machine (~8 min): gpu tests + bench --grid gpu + calibrate -> $$OUT (no install step)
+	bash .ci/gpu-check
+
+gpu-wheels: install ## .whl/: this venv's hydra-core, omegaconf, antlr4 as wheels, to carry to a bare GPU machine
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip wheel --quiet --no-deps -w .whl $$($(PY) -m pip freeze | grep -i -E '^(hydra-core|omegaconf|antlr4-python3-runtime)==')
+	ls .whl
 
 dashboard: install ## Optuna dashboard on sweeps/optuna.db (needs: .venv/bin/pip install optuna-dashboard)
 	$(VENV)/bin/optuna-dashboard sqlite:///$(CURDIR)/sweeps/optuna.db --port 8080

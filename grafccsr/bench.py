@@ -148,7 +148,8 @@ def _grid_smoke() -> Grid:
         rows=[
             Row("original", "original preset (reference)"),
             Row("ours", "ours, equal maths", OURS),
-            Row("ours_ckpt", "ours + grad checkpointing", OURS + ["memory.grad_checkpoint=true"]),
+            Row("ours_ckpt", "ours + grad checkpointing (1024-point segments)",
+                OURS + ["memory.grad_checkpoint=true", "memory.checkpoint_segment_points=1024"]),
         ],
     )
 
