@@ -48,11 +48,11 @@ MB = 1024.0 * 1024.0
 # --------------------------------------------------------------------------- grids
 
 ORIGINAL = "+exp=graf_ccsr_original"
-OURS_MEMORY = ["memory.set_to_none=true", "memory.eager_free=true", "memory.fakes_without_graph=true"]
-OURS = OURS_MEMORY + ["memory.retain_host_memory=true"]
+OURS = ["memory.set_to_none=true", "memory.eager_free=true", "memory.fakes_without_graph=true"]
 """Our defaults that do not change the maths: fakes for the D step rendered without a
-graph (D sees them detached anyway), zero_grad(set_to_none=True), eager ``del``, and on
-CPU freed host memory kept in the process (no page faults for fresh large tensors)."""
+graph (D sees them detached anyway), zero_grad(set_to_none=True), eager ``del``."""
+LEAN = ["memory.grad_checkpoint=true", "memory.checkpoint_segment_points=4096", "memory.no_grad_segment_points=4096"]
+"""What ``memory=lean`` adds (the original preset's own memory keys override that group)."""
 BF16 = ["train.amp.policy=generator", "train.amp.dtype=bf16"]
 
 
@@ -92,11 +92,10 @@ def _grid_default() -> Grid:
         ),
         rows=[
             Row("original", "original preset (reference)"),
-            Row("ours", "ours, equal maths (graph-free fakes, set_to_none, eager del, retained host memory)", OURS),
-            Row("ours_os_alloc", "ours without retain_host_memory (freed blocks back to the OS)", OURS_MEMORY),
-            Row("ours_ckpt", "ours + grad checkpointing, segments of 16384 points (4 per render)",
-                OURS + ["memory.grad_checkpoint=true", "memory.checkpoint_segment_points=16384",
-                        "memory.no_grad_segment_points=16384"]),
+            Row("ours", "ours, equal maths (graph-free fakes, set_to_none, eager del)", OURS),
+            Row("ours_retain", "ours + retain_host_memory (freed host memory kept in the process)",
+                OURS + ["memory.retain_host_memory=true"]),
+            Row("ours_lean", "ours + checkpointing in 4096-point segments (memory=lean)", OURS + LEAN),
             Row("ours_chunk", "ours + render chunking (256 rays)", OURS + ["memory.render_chunk=256"]),
             Row("ours_accum2", "ours + grad accumulation 2", OURS + ["train.grad_accum_steps=2"]),
             Row("ours_s16", "ours + fewer samples 32->16 (quality not measured here)",
@@ -617,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     p.add_argument("--grid", default=None,
                    help=f"built-in grid ({', '.join(GRIDS)}) or a YAML file; default: 'gpu' on cuda, 'default' on cpu")
-    p.add_argument("--repeats", type=int, default=None, help="timed iterations per row (default: cpu 5, cuda 10)")
+    p.add_argument("--repeats", type=int, default=None, help="timed iterations per row (default: cpu 4, cuda 10)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per row (default: cpu 1, cuda 3)")
     p.add_argument("--row-budget-s", type=float, default=40.0,
                    help="cap the repeats so that one row's timed part stays under this (default 40 s)")
@@ -669,7 +668,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args, grid: Grid, device, is_cuda: bool, clock: str) -> int:
     if clock == "process" and is_cuda:
         raise SystemExit("--clock process is CPU-only (GPU work is not process CPU time)")
-    repeats = args.repeats or (10 if is_cuda else 5)
+    repeats = args.repeats or (10 if is_cuda else 4)
     warmup = args.warmup if args.warmup is not None else (3 if is_cuda else 1)
     estimate = args.estimate if args.estimate is not None else is_cuda
     interleave = args.interleave if args.interleave is not None else not is_cuda

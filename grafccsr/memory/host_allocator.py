@@ -71,6 +71,8 @@ def set_retain_host_memory(retain: bool, warn: bool = True) -> bool:
     for param, value in (_RETAIN if retain else _SYSTEM).items():
         if mallopt(param, value) != 1:
             raise RuntimeError(f"mallopt({param}, {value}) failed")
+    if _current and not retain:
+        _libc.malloc_trim(0)  # give back what was retained, so the next user starts lean
     _current = retain
     return True
 
