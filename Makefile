@@ -65,7 +65,7 @@ calibrate: install ## estimator vs measured peaks, CSV + table (DEVICE=cuda on a
 rss: install ## CPU: s/iteration and peak process RSS above baseline: ARGS='+exp=graf_ccsr_original --threads 2'
 	$(PY) -m grafccsr.memory rss $(ARGS)
 
-gpu-check: ## on a CUDA machine (~8 min): gpu tests + bench --grid gpu + calibrate -> $$OUT (no install step)
+gpu-check: ## on a CUDA machine (~8 min): gpu tests + bench --grid gpu + calibrate, into OUT (default runs/gpu-check; no install step)
 	bash .ci/gpu-check
 
 gpu-wheels: install ## .whl/: this venv's hydra-core, omegaconf, antlr4 as wheels, to carry to a bare GPU machine

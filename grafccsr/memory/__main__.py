@@ -1,4 +1,4 @@
-"""``python -m grafccsr.memory {estimate,calibrate,max-batch}``.
+"""``python -m grafccsr.memory {estimate,calibrate,max-batch,rss}``.
 
 estimate   [overrides]                         CUDA peak estimate without a GPU (fake tensors)
 calibrate  [--device cpu|cuda] [overrides]     estimate vs measured over a small grid -> CSV + table
