@@ -93,8 +93,6 @@ def _grid_default() -> Grid:
         rows=[
             Row("original", "original preset (reference)"),
             Row("ours", "ours, equal maths (graph-free fakes, set_to_none, eager del)", OURS),
-            Row("ours_retain", "ours + retain_host_memory (freed host memory kept in the process)",
-                OURS + ["memory.retain_host_memory=true"]),
             Row("ours_lean", "ours + checkpointing in 4096-point segments (memory=lean)", OURS + LEAN),
             Row("ours_chunk", "ours + render chunking (256 rays)", OURS + ["memory.render_chunk=256"]),
             Row("ours_accum2", "ours + grad accumulation 2", OURS + ["train.grad_accum_steps=2"]),
@@ -228,8 +226,6 @@ class Result:
     est_alloc_mb: float = math.nan
     est_reserved_mb: float = math.nan
     compiled: bool = False
-    host_memory_retained: bool = False
-    """CPU: the row ran with ``memory.retain_host_memory`` in effect (glibc)."""
 
 
 COLUMNS = [f.name for f in Result.__dataclass_fields__.values()]
@@ -288,7 +284,6 @@ class RowRunner:
         """One D + G iteration; returns (d, g, total) seconds."""
         step, batch, device = self.step, self.batch, self.device
         clock = self.clock
-        self._host_allocator()
         _sync(device)
         t0 = clock()
         step.d_step(batch, self.iteration)
@@ -305,15 +300,6 @@ class RowRunner:
         if record:
             self.times.append((t1 - t0, t2 - t1, t2 - t0))
         return t1 - t0, t2 - t1, t2 - t0
-
-    def _host_allocator(self) -> None:
-        """Each row runs with its own ``memory.retain_host_memory`` (process-wide, so it
-        is set again before every iteration when rows are interleaved)."""
-        from grafccsr.memory.host_allocator import set_retain_host_memory
-
-        if self.device.type == "cpu":
-            retain = self.cfg.memory.retain_host_memory
-            self.result.host_memory_retained = set_retain_host_memory(retain, warn=False) and retain
 
     def warm_up(self) -> None:
         """An untimed iteration. A compiled field that fails here (torch.compile compiles
@@ -352,7 +338,6 @@ class RowRunner:
         from grafccsr.memory.tracker import PhaseMemory
 
         r, step, batch = self.result, self.step, self.batch
-        self._host_allocator()
         track_live = not r.compiled
         memory = PhaseMemory(self.device)
         state = step.modules_and_optimizers() + (batch.images, batch.labels)

@@ -340,15 +340,6 @@ class MemoryConfig:
     """Renders without autograd (the D step's fakes, samples, evaluation) run the field
     on at most this many points at a time: the same result, with the MLP's temporaries
     bounded (an evaluation batch of 32 whole 64x64 images at 64 samples is 8.4 M points)."""
-    retain_host_memory: bool = False
-    """Not in the guide, CPU (glibc) only: keep memory that tensors free inside the
-    process (``mallopt``: no mmap for large blocks, no trimming) instead of returning
-    it to the OS, which then has to fault in and zero fresh pages for every tensor
-    over 32 MiB in the next iteration. Faster CPU steps when activations are that
-    large (no checkpointing at GRAF sizes: 1.24-1.37x), but the process's RSS becomes the
-    heap's high-water mark, which varied by GBs between identical runs. Small field
-    segments (``memory=lean``) avoid the page faults without it. No effect on CUDA
-    memory, nor off glibc (a warning says so)."""
     track_peak_every: int = 50
     """Measure the device-agnostic peak (live tensor bytes) on every N-th
     iteration (and the first two); 0 = never. Other steps run untouched."""

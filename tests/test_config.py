@@ -109,5 +109,5 @@ def test_memory_lean_group_adds_checkpointing_to_the_defaults():
     lean, default = load_config(["memory=lean"]).memory, load_config([]).memory
     assert lean.grad_checkpoint and not default.grad_checkpoint
     assert lean.checkpoint_segment_points == lean.no_grad_segment_points == 4096
-    assert (lean.set_to_none, lean.fakes_without_graph, lean.retain_host_memory) == (
-        default.set_to_none, default.fakes_without_graph, default.retain_host_memory)
+    assert (lean.set_to_none, lean.fakes_without_graph, lean.eager_free) == (
+        default.set_to_none, default.fakes_without_graph, default.eager_free)

@@ -193,36 +193,6 @@ def test_segmented_rendering_gives_the_same_result():
         torch.testing.assert_close(b, a)
 
 
-def test_retained_host_memory_is_reused_without_page_faults():
-    """memory.retain_host_memory: a freed 64 MB tensor's pages are reused by the next
-    one instead of being unmapped and faulted in (and zeroed) again."""
-    import resource
-
-    from grafccsr.memory.host_allocator import host_allocator_supported, set_retain_host_memory
-
-    if not host_allocator_supported():
-        pytest.skip("needs glibc's mallopt")
-
-    def faults_for_a_fresh_tensor() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        x = torch.ones(16 * 2**20)  # 64 MB, every page written
-        del x
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    try:
-        assert set_retain_host_memory(False)
-        faults_for_a_fresh_tensor()
-        given_back = faults_for_a_fresh_tensor()
-        assert set_retain_host_memory(True)
-        faults_for_a_fresh_tensor()
-        retained = faults_for_a_fresh_tensor()
-    finally:
-        set_retain_host_memory(False)
-    if given_back < 1000:  # 16384 pages of 4 KiB; transparent huge pages make far fewer
-        pytest.skip(f"only {given_back} page faults for 64 MB here (huge pages?): nothing to compare")
-    assert retained < 0.05 * given_back
-
-
 def test_peak_rss_resets_and_rss_command_reports_iterations(tmp_path, capsys):
     """`python -m grafccsr.memory rss`: per-iteration seconds and the peak RSS above
     the baseline, the high-water mark reset before the first iteration."""

@@ -263,8 +263,7 @@ def cmd_rss(args) -> int:
     result = measure_process(cfg, args.num_classes or default_num_classes(cfg), args.iterations)
     shown = " ".join(args.overrides) or "(default config)"
     print(f"config: {shown}")
-    print(f"cpu threads {result.threads}, freed host memory retained in the process "
-          f"(memory.retain_host_memory): {result.host_memory_retained}")
+    print(f"cpu threads {result.threads}")
     print(f"seconds per D+G iteration: median {result.median_s:.2f} "
           f"({', '.join(f'{s:.2f}' for s in result.iteration_s)})")
     print(f"peak RSS above baseline: {result.peak_rss_above_baseline_mb:.0f} MiB "

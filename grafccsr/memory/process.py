@@ -5,7 +5,7 @@ and the peak resident set size (RSS) above the process's baseline, the baseline 
 once the models, optimisers and batch exist. The peak is the kernel's high-water mark
 (``VmHWM``), reset through ``/proc/self/clear_refs`` just before the first iteration.
 It counts everything the process holds (tensors, the allocator's cached blocks, the
-C library's freed-but-kept memory), unlike the live-tensor peak of
+C library's freed-but-kept heap), unlike the live-tensor peak of
 :mod:`grafccsr.memory.tracker`.
 """
 
@@ -52,7 +52,6 @@ class ProcessMeasurement:
     iteration_s: List[float] = field(default_factory=list)
     baseline_rss_mb: float = 0.0
     peak_rss_above_baseline_mb: float = 0.0
-    host_memory_retained: bool = False
     threads: int = 0
 
     @property
@@ -63,9 +62,8 @@ class ProcessMeasurement:
 def measure_process(cfg, num_classes: int, iterations: int = 2, log=print) -> ProcessMeasurement:
     """Build the models and step of ``cfg`` on the CPU, then run ``iterations`` D + G
     iterations on a synthetic batch, timing each (wall clock) and recording the peak
-    RSS above the baseline. ``cfg.memory.retain_host_memory`` applies as in training."""
+    RSS above the baseline."""
     from grafccsr.memory.estimate import synthetic_batch
-    from grafccsr.memory.host_allocator import set_retain_host_memory
     from grafccsr.models import build_models
     from grafccsr.training.step import GanStep
 
@@ -73,8 +71,6 @@ def measure_process(cfg, num_classes: int, iterations: int = 2, log=print) -> Pr
         raise SystemExit("process memory needs Linux's /proc/self/status and /proc/self/clear_refs")
     device = torch.device("cpu")
     result = ProcessMeasurement(threads=torch.get_num_threads())
-    retain = cfg.memory.retain_host_memory
-    result.host_memory_retained = set_retain_host_memory(retain) and retain
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = build_models(cfg, num_classes)
     step = GanStep(cfg, generator, discriminator, device)

@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 
 from grafccsr.config import Config, flatten
 from grafccsr.data import build_dataset, build_loader
-from grafccsr.memory.host_allocator import set_retain_host_memory
 from grafccsr.memory.tracker import PhaseMemory, process_peak_rss_mb
 from grafccsr.models import build_models
 from grafccsr.models.views import render_views
@@ -101,8 +100,6 @@ def train(cfg: Config, output_dir: Path, tracker_factory: Callable[..., Tracker]
     if device.type == "cuda" and t_cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    host_memory_retained = (device.type == "cpu" and set_retain_host_memory(mem_cfg.retain_host_memory)
-                            and mem_cfg.retain_host_memory)
     torch.manual_seed(t_cfg.seed)
 
     # ------------------------------------------------------------ data, models, state
@@ -127,7 +124,6 @@ def train(cfg: Config, output_dir: Path, tracker_factory: Callable[..., Tracker]
         "device": device_name(device),
         "torch": torch.__version__,
         "fid_extractor": cfg.eval.extractor,
-        "host_memory_retained": str(host_memory_retained).lower(),
         "output_dir": str(output_dir.resolve()),
         **_git_tags(),
     }
