@@ -51,9 +51,18 @@ ORIGINAL = "+exp=graf_ccsr_original"
 OURS = ["memory.set_to_none=true", "memory.eager_free=true", "memory.fakes_without_graph=true"]
 """Our defaults that do not change the maths: fakes for the D step rendered without a
 graph (D sees them detached anyway), zero_grad(set_to_none=True), eager ``del``."""
-LEAN = ["memory.grad_checkpoint=true", "memory.checkpoint_segment_points=4096", "memory.no_grad_segment_points=4096"]
-"""What ``memory=lean`` adds (the original preset's own memory keys override that group)."""
 BF16 = ["train.amp.policy=generator", "train.amp.dtype=bf16"]
+
+
+def _lean() -> List[str]:
+    """What ``conf/memory/lean.yaml`` sets, as overrides: the original preset's own memory
+    keys would override ``memory=lean`` itself."""
+    import yaml
+
+    from grafccsr.config import CONF_DIR
+
+    spec = yaml.safe_load((CONF_DIR / "memory" / "lean.yaml").read_text())
+    return [f"memory.{key}={str(value).lower()}" for key, value in spec.items() if key != "defaults"]
 
 
 @dataclass
@@ -93,7 +102,7 @@ def _grid_default() -> Grid:
         rows=[
             Row("original", "original preset (reference)"),
             Row("ours", "ours, equal maths (graph-free fakes, set_to_none, eager del)", OURS),
-            Row("ours_lean", "ours + checkpointing in 4096-point segments (memory=lean)", OURS + LEAN),
+            Row("ours_lean", "ours + checkpointing in 4096-point segments (memory=lean)", OURS + _lean()),
             Row("ours_chunk", "ours + render chunking (256 rays)", OURS + ["memory.render_chunk=256"]),
             Row("ours_accum2", "ours + grad accumulation 2", OURS + ["train.grad_accum_steps=2"]),
             Row("ours_s16", "ours + fewer samples 32->16 (quality not measured here)",

@@ -25,15 +25,9 @@ NUM_CLASSES = 2
 
 
 def _step(overrides):
-    from grafccsr.memory.estimate import synthetic_batch
-    from grafccsr.models import build_models
-    from grafccsr.training.step import GanStep
+    from grafccsr.memory.estimate import synthetic_step
 
-    cfg = load_config(SMOKE + list(overrides))
-    torch.manual_seed(0)
-    generator, discriminator = build_models(cfg, NUM_CLASSES)
-    step = GanStep(cfg, generator.to(CUDA), discriminator.to(CUDA), CUDA)
-    return step, synthetic_batch(cfg, NUM_CLASSES, CUDA)
+    return synthetic_step(load_config(SMOKE + list(overrides)), NUM_CLASSES, CUDA, seed=0)
 
 
 @pytest.mark.parametrize("overrides", [

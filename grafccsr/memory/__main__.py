@@ -75,17 +75,10 @@ def measure_real(cfg, num_classes: int, device: torch.device, iterations: int = 
                  phases: Sequence[str] = ("d_step", "g_step")) -> Dict[str, float]:
     """Peaks of real iterations over ``phases``: live tensor bytes (any device) and, on
     CUDA, max_memory_allocated / reserved with the counters reset per phase."""
-    from grafccsr.memory.estimate import synthetic_batch
+    from grafccsr.memory.estimate import synthetic_step
     from grafccsr.memory.tracker import PhaseMemory
-    from grafccsr.models import build_models
-    from grafccsr.training.step import GanStep
 
-    torch.manual_seed(0)
-    g, d = build_models(cfg, num_classes)
-    g.to(device)
-    d.to(device)
-    step = GanStep(cfg, g, d, device)
-    batch = synthetic_batch(cfg, num_classes, device)
+    step, batch = synthetic_step(cfg, num_classes, device, seed=0)
     memory = PhaseMemory(device)
     state = step.modules_and_optimizers() + (batch.images, batch.labels)
     for it in range(iterations):

@@ -387,6 +387,20 @@ def synthetic_batch(cfg: Config, num_classes: int, device: torch.device | str = 
     return Batch(images, labels)
 
 
+def synthetic_step(cfg: Config, num_classes: int, device: torch.device | str = "cpu", seed: Optional[int] = None):
+    """Real models, their :class:`GanStep` and a :func:`synthetic_batch` on ``device``:
+    what the measuring tools run instead of the training loop. ``seed`` (if given)
+    seeds the models' initialisation. Returns (step, batch)."""
+    from grafccsr.models import build_models
+    from grafccsr.training.step import GanStep
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    generator, discriminator = build_models(cfg, num_classes)
+    step = GanStep(cfg, generator.to(device), discriminator.to(device), torch.device(device))
+    return step, synthetic_batch(cfg, num_classes, device)
+
+
 # --------------------------------------------------------------------------- estimate
 
 

@@ -63,18 +63,12 @@ def measure_process(cfg, num_classes: int, iterations: int = 2, log=print) -> Pr
     """Build the models and step of ``cfg`` on the CPU, then run ``iterations`` D + G
     iterations on a synthetic batch, timing each (wall clock) and recording the peak
     RSS above the baseline."""
-    from grafccsr.memory.estimate import synthetic_batch
-    from grafccsr.models import build_models
-    from grafccsr.training.step import GanStep
+    from grafccsr.memory.estimate import synthetic_step
 
     if not process_memory_supported():
         raise SystemExit("process memory needs Linux's /proc/self/status and /proc/self/clear_refs")
-    device = torch.device("cpu")
     result = ProcessMeasurement(threads=torch.get_num_threads())
-    torch.manual_seed(cfg.train.seed)
-    generator, discriminator = build_models(cfg, num_classes)
-    step = GanStep(cfg, generator, discriminator, device)
-    batch = synthetic_batch(cfg, num_classes, device)
+    step, batch = synthetic_step(cfg, num_classes, "cpu", seed=cfg.train.seed)
     gc.collect()
     result.baseline_rss_mb = rss_mb()
     reset_peak_rss()

@@ -28,7 +28,6 @@ from grafccsr.tracking.summary import write_summary
 from grafccsr.training.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
-    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
