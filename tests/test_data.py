@@ -11,10 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from grafccsr.config import PROJECT_ROOT, DataConfig, MemoryConfig, SyntheticConfig
+from grafccsr.config import CameraConfig, DataConfig, MemoryConfig, SyntheticConfig
+from grafccsr.paths import PROJECT_ROOT
 from grafccsr.data import DatasetError, InfiniteSampler, MultiViewFolder, build_dataset, build_loader, build_synthetic
 from grafccsr.data import synthetic
-from grafccsr.data.__main__ import main as cli_main
+from grafccsr.cli.data import main as cli_main
+
+
+CAM = CameraConfig()
 
 
 def small_cfg(root: Path | None = None, **synthetic_overrides) -> DataConfig:
@@ -31,7 +35,7 @@ def file_hashes(root: Path) -> dict[str, str]:
 def five_classes(tmp_path_factory) -> MultiViewFolder:
     """Every recipe once (5 classes x 4 elevations x 8 azimuths, 32 px)."""
     cfg = small_cfg(num_classes=5)
-    return MultiViewFolder(build_synthetic(cfg, tmp_path_factory.mktemp("five")), cfg)
+    return MultiViewFolder(build_synthetic(cfg, CAM, tmp_path_factory.mktemp("five")), cfg)
 
 
 # --------------------------------------------------------------------------- synthetic set
@@ -39,8 +43,8 @@ def five_classes(tmp_path_factory) -> MultiViewFolder:
 
 def test_build_is_deterministic(tmp_path):
     cfg = small_cfg()
-    first = file_hashes(build_synthetic(cfg, tmp_path / "a"))
-    second = file_hashes(build_synthetic(cfg, tmp_path / "b"))
+    first = file_hashes(build_synthetic(cfg, CAM, tmp_path / "a"))
+    second = file_hashes(build_synthetic(cfg, CAM, tmp_path / "b"))
     assert len(first) == 2 * 4 * 8 + 1  # images + manifest
     assert first == second
 
@@ -91,7 +95,7 @@ def test_views_depend_on_azimuth(five_classes):
 
 def test_complete_build_is_reused_and_damaged_one_rebuilt(tmp_path, monkeypatch):
     cfg = small_cfg(num_azimuths=4)
-    root = build_synthetic(cfg, tmp_path / "set")
+    root = build_synthetic(cfg, CAM, tmp_path / "set")
     reference = file_hashes(root)
 
     def must_not_render(*args, **kwargs):
@@ -99,9 +103,9 @@ def test_complete_build_is_reused_and_damaged_one_rebuilt(tmp_path, monkeypatch)
 
     with monkeypatch.context() as patch:
         patch.setattr(synthetic, "render_views", must_not_render)
-        assert build_synthetic(cfg, root) == root
+        assert build_synthetic(cfg, CAM, root) == root
     (root / "class1_block" / "1_0090.png").unlink()
-    build_synthetic(cfg, root)
+    build_synthetic(cfg, CAM, root)
     assert file_hashes(root) == reference
     assert not list(tmp_path.glob(".*partial*")), "staging folder left behind"
 
@@ -114,24 +118,24 @@ def test_interrupted_build_leaves_no_set_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synthetic, "render_views", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_synthetic(cfg, tmp_path / "set")
+        build_synthetic(cfg, CAM, tmp_path / "set")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_foreign_folder_is_never_overwritten(tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
     with pytest.raises(DatasetError, match="refusing to overwrite"):
-        build_synthetic(small_cfg(num_azimuths=4), tmp_path)
+        build_synthetic(small_cfg(num_azimuths=4), CAM, tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
 def test_fingerprint_names_default_root_and_tracks_byte_changing_settings():
     base = small_cfg()
-    assert synthetic.synthetic_root(base) == PROJECT_ROOT / "data" / f"synthetic-{synthetic.fingerprint(base)}"
+    assert synthetic.synthetic_root(base, CAM) == PROJECT_ROOT / "data" / f"synthetic-{synthetic.fingerprint(base, CAM)}"
     changed = [small_cfg(seed=1), small_cfg(supersample=3), small_cfg(num_classes=3), DataConfig(image_size=16)]
-    assert len({synthetic.fingerprint(c) for c in [base, *changed]}) == 5
+    assert len({synthetic.fingerprint(c, CAM) for c in [base, *changed]} | {synthetic.fingerprint(base, CameraConfig(fov_deg=30.0))}) == 6
     same_bytes = DataConfig(image_size=32, resize="resize", synthetic=base.synthetic)
-    assert synthetic.fingerprint(same_bytes) == synthetic.fingerprint(base)
+    assert synthetic.fingerprint(same_bytes, CAM) == synthetic.fingerprint(base, CAM)
 
 
 # --------------------------------------------------------------------------- folder loader
@@ -157,7 +161,7 @@ def test_loader_reads_real_naming(tmp_path):
     for ignored in (".DS_Store", "manifest.json", "notes.txt"):
         (tmp_path / "specA" / ignored).write_text("x")
     (tmp_path / "manifest.json").write_text("{}")
-    ds = build_dataset(folder_cfg(tmp_path))
+    ds = build_dataset(folder_cfg(tmp_path), CAM)
     assert ds.class_names == ["specA", "specB"] and ds.num_classes == 2
     assert ds.labels.tolist() == [[0, 0, 90], [0, 1, 90], [0, 2, 0], [0, 3, 359], [1, 0, 7]]
     assert ds.poses[1].tolist() == pytest.approx([0.25, 0.4])
@@ -271,7 +275,7 @@ def test_loader_settings_follow_memory_config(five_classes):
 
 
 def test_build_dataset_synthetic(tmp_path):
-    ds = build_dataset(small_cfg(tmp_path / "syn", num_azimuths=4))
+    ds = build_dataset(small_cfg(tmp_path / "syn", num_azimuths=4), CAM)
     assert ds.root == tmp_path / "syn" and len(ds) == 2 * 4 * 4 and ds.num_classes == 2
 
 
@@ -280,7 +284,7 @@ def test_build_dataset_synthetic(tmp_path):
 
 def test_cli_prepare_then_info(tmp_path, capsys):
     overrides = [f"data.root={tmp_path / 'cli'}", "data.image_size=16", "data.synthetic.num_azimuths=4"]
-    assert cli_main(["info", *overrides]) == 2
+    assert cli_main(["info", *overrides]) == 5  # data errors exit 5
     assert "not built yet" in capsys.readouterr().err
     assert cli_main(["prepare", *overrides]) == 0
     out = capsys.readouterr().out

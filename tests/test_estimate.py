@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from grafccsr.config import load_config
-from grafccsr.memory.__main__ import format_calibration, main, measure_real
-from grafccsr.memory.batch_finder import cached_estimate, find_max_batch, largest_fitting, samples_candidates
-from grafccsr.memory.estimate import CATEGORIES, CudaOverhead, estimate_peak_mb
+from grafccsr.cli.memory import main
+from grafccsr.sizing.batch_finder import cached_estimate, find_max_batch, largest_fitting, samples_candidates
+from grafccsr.sizing.calibrate import format_calibration, measure_real
+from grafccsr.sizing.estimate import CATEGORIES, CudaOverhead, estimate_peak_mb
 
 SMOKE = ["+exp=smoke", "tracking=none"]
 
@@ -76,7 +78,7 @@ def test_bf16_generator_autocast_lowers_activations(warm):
 
 
 def test_estimate_peak_mb_picks_the_requested_number(warm, monkeypatch):
-    import grafccsr.memory.estimate as estimate_module
+    import grafccsr.sizing.estimate as estimate_module
 
     monkeypatch.setattr(estimate_module, "estimate_overrides", lambda *a, **k: warm)
     # what metrics.json reports as peak_memory_mb: CUDA reserved over the run / CPU live tensors of D+G steps
@@ -142,7 +144,7 @@ def test_max_batch_cpu_path(warm, capsys):
     assert report.override_line(SMOKE) == " ".join(SMOKE + ["train.batch_size=4"])
     # smoke's sample/eval render batch (16 whole 32x32 images) needs more than the training step: warned
     assert report.render_phase_mb > budget and "memory.render_chunk" in report.notes[0]
-    assert main(["max-batch", *SMOKE, f"budget_mb={budget}", "--measure", "live", "--cap", "16"]) == 0
+    assert main(["max-batch", *SMOKE, "--budget-mb", str(budget), "--measure", "live", "--cap", "16"]) == 0
     out = capsys.readouterr().out  # the same configs again: served from the estimate cache
     assert out.rstrip().endswith("override line: " + " ".join(SMOKE + ["train.batch_size=4"]))
 
@@ -177,16 +179,17 @@ def test_segmented_rendering_gives_the_same_result():
     field = RadianceField(cfg.model.field)
     origins, directions = torch.randn(2, 40, 3), torch.randn(2, 40, 3)
     z_shape, z_app = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
-    kwargs = dict(near=1.0, far=2.0, samples_per_ray=8)
-    whole = render.render_rays(field, origins, directions, z_shape, z_app, **kwargs)["rgb"]
+    base = dataclasses.replace(render.RenderSettings.from_config(cfg), near=1.0, far=2.0, samples_per_ray=8,
+                               grad_checkpoint=False)
+    whole = render.render_rays(field, origins, directions, z_shape, z_app, base)["rgb"]
     whole.square().sum().backward()
     grads = [p.grad.clone() for p in field.parameters()]
     field.zero_grad(set_to_none=True)
     with torch.no_grad():
         torch.testing.assert_close(render.render_rays(field, origins, directions, z_shape, z_app,
-                                                      no_grad_segment_points=100, **kwargs)["rgb"], whole)
-    segmented = render.render_rays(field, origins, directions, z_shape, z_app, grad_checkpoint=True,
-                                   checkpoint_segment_points=100, **kwargs)["rgb"]
+                                                      dataclasses.replace(base, no_grad_segment_points=100))["rgb"], whole)
+    segmented = render.render_rays(field, origins, directions, z_shape, z_app,
+                                   dataclasses.replace(base, grad_checkpoint=True, checkpoint_segment_points=100))["rgb"]
     torch.testing.assert_close(segmented, whole)
     segmented.square().sum().backward()
     for a, b in zip(grads, (p.grad for p in field.parameters())):
@@ -198,8 +201,8 @@ def test_peak_rss_resets_and_rss_command_reports_iterations(tmp_path, capsys):
     the baseline, the high-water mark reset before the first iteration."""
     import json
 
-    from grafccsr.memory.__main__ import main
-    from grafccsr.memory.process import peak_rss_mb, process_memory_supported, reset_peak_rss, rss_mb
+    from grafccsr.cli.memory import main
+    from grafccsr.measure.process import peak_rss_mb, process_memory_supported, reset_peak_rss, rss_mb
 
     if not process_memory_supported():
         pytest.skip("needs Linux /proc/self/clear_refs")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from grafccsr.config import PROJECT_ROOT, load_config
-from grafccsr.eval import UsageError, config_from_checkpoint, main, parse_args
-
-HAVE_TRAIN = importlib.util.find_spec("grafccsr.train") is not None
+from grafccsr.cli.eval import build_parser, main, options
+from grafccsr.config import ConfigError, load_config
+from grafccsr.evaluation.checkpoint import check_eval_overrides
+from grafccsr.paths import PROJECT_ROOT
 
 
 def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -28,51 +27,65 @@ def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.Comple
 def test_help_works_and_is_quick():
     result = run_module("grafccsr.eval", "--help", timeout=60)
     assert result.returncode == 0
-    for word in ("ckpt=", "run_id=", "frames=", "elevation_v=", "depth=", "eval.", "tracking."):
+    for word in ("--ckpt", "--run-id", "--frames", "--elevation-v", "--depth", "--scale", "eval.*", "tracking.*"):
         assert word in result.stdout
 
 
-def test_parse_args_splits_options_and_overrides():
-    args = parse_args(["ckpt=/x/checkpoint.pt", "frames=12", "elevation_v=0.3", "depth=true", "what=grid,metrics",
-                       "eval.num_samples=16", "tracking.uri=sqlite:////tmp/m.db", "memory.render_chunk=64",
-                       "hydra.run.dir=/tmp/out"])
-    assert args.ckpt == "/x/checkpoint.pt" and args.run_id is None
-    assert (args.frames, args.elevation_v, args.depth, args.out) == (12, 0.3, True, "/tmp/out")
-    assert args.what == ("grid", "metrics")
-    assert args.overrides == ["eval.num_samples=16", "tracking.uri=sqlite:////tmp/m.db", "memory.render_chunk=64"]
+def test_flags_and_overrides_in_any_order():
+    from grafccsr.cli.common import parse
+
+    args = parse(build_parser(), ["--ckpt", "/x/checkpoint.pt", "eval.num_samples=16", "--frames", "12",
+                                  "--elevation-v", "0.3", "--depth", "--what", "grid,metrics", "memory.render_chunk=64",
+                                  "--out", "/tmp/out"])
+    opts = options(args)
+    assert args.ckpt == "/x/checkpoint.pt" and args.run_id is None and args.out == "/tmp/out"
+    assert (opts.frames, opts.elevation_v, opts.depth, opts.what) == (12, 0.3, True, ("grid", "metrics"))
+    assert args.overrides == ["eval.num_samples=16", "memory.render_chunk=64"]
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["frames=10"], "exactly one of ckpt"),
-    (["ckpt=a", "run_id=b"], "exactly one of ckpt"),
-    (["ckpt=a", "model.z_dim=4"], "cannot be set here"),
-    (["ckpt=a", "what=video"], "what="),
-    (["ckpt=a", "elevation_v=2"], "elevation_v"),
-    (["ckpt=a", "frames=0"], "frames"),
-    (["ckpt=a", "depth=maybe"], "depth"),
-    (["ckpt"], "key=value"),
+    (["--ckpt", "a", "--what", "video"], "--what"),
+    (["--ckpt", "a", "--elevation-v", "2"], "--elevation-v"),
+    (["--ckpt", "a", "--frames", "0"], "--frames"),
+    (["--ckpt", "a", "--scale", "0"], "--scale"),
 ])
-def test_bad_arguments_are_usage_errors(argv, match):
-    with pytest.raises(UsageError, match=match):
-        parse_args(argv)
+def test_bad_options_name_the_flag(argv, match):
+    from grafccsr.cli.common import parse
+
+    with pytest.raises(ConfigError, match=match):
+        options(parse(build_parser(), argv))
 
 
-def test_bad_argument_exit_code_and_message(capsys):
-    assert main(["ckpt=/nonexistent/checkpoint.pt"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+def test_only_evaluation_settings_change_over_a_checkpoint():
+    check_eval_overrides(["eval.num_samples=5", "memory.render_chunk=8", "train.device=cpu", "data.root=/x"])
+    with pytest.raises(ConfigError, match="model.z_dim cannot be set here"):
+        check_eval_overrides(["model.z_dim=4"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "/nonexistent/checkpoint.pt"], "no checkpoint at /nonexistent/checkpoint.pt"),
+    (["--ckpt", "/nonexistent", "model.z_dim=3"], "model.z_dim cannot be set here"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message):
+    result = run_module("grafccsr.eval", *argv, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
 
 
 def test_overrides_apply_over_the_stored_config():
     from dataclasses import asdict
 
+    from grafccsr.config import apply_overrides
+
     stored = asdict(load_config(["+exp=smoke"]))
-    cfg = config_from_checkpoint(stored, ["eval.num_samples=12", "eval.kid_subset_size=6", "tracking.backend=none"])
+    cfg = apply_overrides(stored, ["eval.num_samples=12", "eval.kid_subset_size=6", "tracking.backend=none"])
     assert (cfg.eval.num_samples, cfg.eval.kid_subset_size, cfg.tracking.backend) == (12, 6, "none")
     assert cfg.model.z_dim == 16  # the checkpoint's model config is kept
-    with pytest.raises(UsageError):
-        config_from_checkpoint(stored, ["eval.num_samples=many"])
-    with pytest.raises(UsageError):
-        config_from_checkpoint(stored, ["eval.no_such_key=1"])
+    with pytest.raises(ConfigError, match="eval.num_samples"):
+        apply_overrides(stored, ["eval.num_samples=many"])
+    with pytest.raises(ConfigError, match="eval.no_such_key is not a config key"):
+        apply_overrides(stored, ["eval.no_such_key=1"])
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -80,8 +93,6 @@ def test_overrides_apply_over_the_stored_config():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    if not HAVE_TRAIN:
-        pytest.skip("grafccsr.train does not exist yet: no way to build a smoke checkpoint")
     tmp = tmp_path_factory.mktemp("evalcli")
     uri = f"sqlite:///{tmp}/mlflow.db"
     result = run_module("grafccsr.train", "+exp=smoke", f"tracking.uri={uri}", f"hydra.run.dir={tmp}/run",
@@ -99,8 +110,8 @@ def test_eval_cli_on_a_smoke_checkpoint(smoke_run, capsys):
 
     tmp, uri, ckpt = smoke_run
     out = tmp / "eval"
-    code = main([f"ckpt={ckpt}", "eval.num_samples=16", "eval.kid_subset_size=8", f"eval.cache_dir={tmp}/cache",
-                 "frames=4", "elevation_frames=3", "views=4", "depth=true", f"out={out}"])
+    code = main(["--ckpt", str(ckpt), "eval.num_samples=16", "eval.kid_subset_size=8", f"eval.cache_dir={tmp}/cache",
+                 "--frames", "4", "--elevation-frames", "3", "--views", "4", "--depth", "--scale", "2", "--out", str(out)])
     result = capsys.readouterr()
     assert code == 0, result.err[-3000:]
 
@@ -111,40 +122,69 @@ def test_eval_cli_on_a_smoke_checkpoint(smoke_run, capsys):
             assert gif.format == "GIF" and gif.n_frames == frames, name
     num_classes = torch.load(ckpt, map_location="cpu", weights_only=False)["num_classes"]
     size = load_config(["+exp=smoke"]).data.image_size
-    with Image.open(out / "grid.png") as grid:  # 4 azimuths x classes, 2px padding
-        assert grid.size == (4 * (size + 2) + 2, num_classes * (size + 2) + 2)
+    with Image.open(out / "grid.png") as grid:  # 4 azimuths x classes of 2x upscaled images, 2px padding
+        width, height = 4 * (2 * size + 2) + 2, num_classes * (2 * size + 2) + 2
+        assert grid.size[0] > width and grid.size[1] > height  # + the class and azimuth labels
+        assert grid.size[0] - width < 200 and grid.size[1] - height <= 16
     assert (out / "depth_grid.png").is_file()
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["extractor"] == "random-features"
     assert metrics["num_samples"] == 16
-    assert all(math.isfinite(metrics[k]) for k in ("fid", "kid_mean", "kid_std"))
+    assert all(math.isfinite(metrics[k]) for k in ("fid_rf", "kid_rf_mean", "kid_rf_std"))
+    assert "fid" not in metrics  # a random-feature FID is never called plain fid
     for path in ("metrics.json", "rotation.gif", "elevation.gif", "grid.png"):
         assert str(out / path) in result.out  # printed paths
 
-    # logged to the training run: metrics at the checkpoint's iteration, tag, artifacts
+    # logged as a child run of the training run; the training run's own record is untouched
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     run_id = metrics["mlflow_run_id"]
     assert run_id
-    history = client.get_metric_history(run_id, "eval/fid")
-    assert any(m.step == metrics["iteration"] and m.value == pytest.approx(metrics["fid"]) for m in history)
-    assert client.get_run(run_id).data.tags["fid_extractor"] == "random-features"
-    logged = {Path(a.path).name for a in client.list_artifacts(run_id, f"eval/{out.name}")}
+    before = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in ("eval/fid_rf",)}
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    assert len(children) == 1
+    child = children[0]
+    assert child.data.metrics["eval/fid_rf"] == pytest.approx(metrics["fid_rf"])
+    assert client.get_metric_history(child.info.run_id, "eval/fid_rf")[0].step == metrics["iteration"]
+    assert child.data.tags["fid_extractor"] == "random-features"
+    logged = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"metrics.json", "rotation.gif", "elevation.gif", "grid.png"} <= logged
+    assert {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in before} == before
 
 
-def test_run_id_finds_the_checkpoint(smoke_run):
-    from grafccsr.eval import find_run_checkpoint
+def test_run_id_finds_the_checkpoint_and_checks_its_owner(smoke_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from grafccsr.evaluation import find_run_checkpoint
+    from grafccsr.training.checkpoint import CheckpointError
 
     tmp, uri, ckpt = smoke_run
     run_id = torch_load(ckpt)["mlflow_run_id"]
-    assert find_run_checkpoint(run_id, uri) == ckpt
+    assert find_run_checkpoint(run_id, uri)[0] == ckpt
     if ckpt.with_name("best.pt").is_file():
-        assert find_run_checkpoint(run_id, uri, best=True) == ckpt.with_name("best.pt")
-    with pytest.raises(UsageError, match="no such run"):
+        assert find_run_checkpoint(run_id, uri, best=True)[0] == ckpt.with_name("best.pt")
+    with pytest.raises(ConfigError, match="no such run"):
         find_run_checkpoint("0" * 32, uri)
+    # another run's checkpoint now sits where the run's output_dir tag points
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    folder = tmp_path / "moved"
+    shutil.copytree(ckpt.parent, folder)
+    state = torch_load(folder / "checkpoint.pt")
+    state["mlflow_run_id"] = "f" * 32
+    torch.save(state, folder / "checkpoint.pt")
+    client.set_tag(run_id, "output_dir", str(folder))
+    try:
+        with pytest.raises(CheckpointError, match=f"belongs to MLflow run {'f' * 32}, not {run_id}"):
+            find_run_checkpoint(run_id, uri)
+    finally:
+        client.set_tag(run_id, "output_dir", str(ckpt.parent))
 
 
 def torch_load(path):

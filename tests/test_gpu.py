@@ -25,9 +25,9 @@ NUM_CLASSES = 2
 
 
 def _step(overrides):
-    from grafccsr.memory.estimate import synthetic_step
+    from grafccsr.sizing.synthetic import synthetic_run
 
-    return synthetic_step(load_config(SMOKE + list(overrides)), NUM_CLASSES, CUDA, seed=0)
+    return synthetic_run(load_config(SMOKE + list(overrides)), NUM_CLASSES, CUDA, seed=0)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -50,8 +50,7 @@ def test_training_iterations_on_cuda_give_finite_losses(overrides):
 
 def test_the_same_render_on_cpu_and_cuda():
     """Device from the config, same code: the generator's render agrees across devices."""
-    from grafccsr.camera import pose_matrix
-    from grafccsr.models import build_models
+    from grafccsr.models import RenderSettings, build_models
     from grafccsr.models.rays import PatchSampler
 
     cfg = load_config(SMOKE)
@@ -60,22 +59,22 @@ def test_the_same_render_on_cpu_and_cuda():
     grid, _ = PatchSampler(cfg.model.patch).sample(2, 0, "cpu")
     z = torch.randn(2, cfg.model.z_dim)
     labels = torch.tensor([0, 1])
-    c2w = pose_matrix(torch.tensor([0.1, 0.6]), torch.tensor([0.4, 0.5]), cfg.data.camera.radius)
+    u, v, settings = torch.tensor([0.1, 0.6]), torch.tensor([0.4, 0.5]), RenderSettings.from_config(cfg)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.no_grad():
-            on_cpu = generator.render(z, labels, c2w, grid, 0, perturb=False)["rgb"]
+            on_cpu = generator.render(z, labels, u, v, grid, settings)["rgb"]
             generator.to(CUDA)
-            on_cuda = generator.render(z.to(CUDA), labels.to(CUDA), c2w.to(CUDA), grid.to(CUDA), 0,
-                                       perturb=False)["rgb"]
+            on_cuda = generator.render(z.to(CUDA), labels.to(CUDA), u.to(CUDA), v.to(CUDA), grid.to(CUDA),
+                                       settings)["rgb"]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
 
 
 def test_phase_peaks_are_measured_and_reset_per_phase():
-    from grafccsr.memory.tracker import PhaseMemory
+    from grafccsr.measure import PhaseMemory
 
     step, batch = _step([])
     memory = PhaseMemory(CUDA)
@@ -95,7 +94,7 @@ def test_phase_peaks_are_measured_and_reset_per_phase():
 
 def test_estimator_is_within_ten_percent_of_measured_allocated():
     """The issue's calibration target, on the first configs of the CUDA grid (GRAF sizes)."""
-    from grafccsr.memory.__main__ import calibrate
+    from grafccsr.sizing.calibrate import calibrate
 
     rows = calibrate(CUDA, grid="cuda", limit=3)
     for row in rows:
@@ -104,7 +103,7 @@ def test_estimator_is_within_ten_percent_of_measured_allocated():
 
 
 def test_max_batch_confirms_the_budget_on_cuda():
-    from grafccsr.memory.batch_finder import find_max_batch
+    from grafccsr.sizing.batch_finder import find_max_batch
 
     budget = 1024.0
     report = find_max_batch(["+exp=smoke", "tracking=none"], budget, device="cuda", cap=256, log=print)

@@ -302,7 +302,7 @@ class StubGenerator(torch.nn.Module):
 
 
 def stub_render(record):
-    def render_views(generator, z, class_idx, u, v, *, image_size, **kwargs):
+    def render_views(generator, settings, z, class_idx, u, v, *, image_size, **kwargs):
         record.append((class_idx.clone(), u.clone(), v.clone(), image_size, kwargs))
         n = z.shape[0]
         level = (u * 2 - 1).view(n, 1, 1, 1) + 0.1 * class_idx.view(n, 1, 1, 1)
@@ -334,7 +334,6 @@ def test_evaluate_generator_renders_at_sampled_poses_and_caches_real_stats(tmp_p
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert [r[0].shape[0] for r in record] == [5, 5, 5, 1]
     assert record[0][3] == 32 and record[0][4]["to_cpu"] == cfg.memory.eval_to_cpu
-    assert record[0][4]["ccsr_mode"] == cfg.model.ccsr.mode
     # real statistics were cached under the fingerprint, and are reused
     key = real_stats_key(ds.images, 32, RANDOM_FEATURES)
     files = sorted(p.name for p in cache.iterdir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,14 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from grafccsr.camera import full_grid, pose_matrix, rays_from_grid
-from grafccsr.config import CCSRConfig, DiscriminatorConfig, PatchConfig, PoseConfig, RenderConfig, load_config
+from grafccsr.config import CCSRConfig, DiscriminatorConfig, PatchConfig, PoseConfig, load_config
 from grafccsr.models import build_models, parameter_summary
 from grafccsr.models.ccsr import CCSR, consistency_weight
 from grafccsr.models.discriminator import PatchDiscriminator
 from grafccsr.models.field import PositionalEncoding, RadianceField
 from grafccsr.models.poses import poses_from_labels, sample_random_poses
 from grafccsr.models.rays import PatchSampler, sample_patches, upsample_grid
-from grafccsr.models.render import density_noise_std, render_rays
+from grafccsr.config import Config
+from grafccsr.models.render import RenderSettings, render_rays
 from grafccsr.training.losses import ccsr_consistency_loss, g_loss
 
 
@@ -28,6 +30,13 @@ def smoke_cfg():
 
 def smoke_with(*overrides: str):
     return load_config(["+exp=smoke", "tracking=none", *overrides])
+
+
+def settings(cfg=None, **changes) -> RenderSettings:
+    """The render settings of ``cfg`` (default: the default config) with fields replaced."""
+    import dataclasses
+
+    return dataclasses.replace(RenderSettings.from_config(cfg or Config()), **changes)
 
 
 # --------------------------------------------------------------------------- poses
@@ -71,8 +80,9 @@ def test_cameras_sit_on_the_sphere_and_look_at_origin(v):
 def test_patch_sampler_scales_anneal_and_stay_in_bounds():
     cfg = PatchConfig(rays_per_patch=64, min_scale=0.25, max_scale=1.0, scale_anneal=0.5, anneal_every=10)
     sampler = PatchSampler(cfg)
-    assert sampler.min_scale_at(0) == 1.0
-    assert sampler.min_scale_at(9) == 1.0  # anneals in whole steps of anneal_every
+    assert sampler.min_scale_at(0) == 0.9  # GRAF's cap: several scales from the first iteration
+    assert sampler.min_scale_at(9) == 0.9  # anneals in whole steps of anneal_every
+    assert PatchSampler(PatchConfig(rays_per_patch=64, min_scale_cap=1.0)).min_scale_at(0) == 1.0
     assert sampler.min_scale_at(10) == pytest.approx(math.exp(-0.5))
     assert sampler.min_scale_at(25) == pytest.approx(math.exp(-1.0))
     assert sampler.min_scale_at(10_000) == 0.25
@@ -155,6 +165,52 @@ def test_radiance_field_shapes_and_ranges(smoke_cfg):
     assert rgb.min() >= 0 and rgb.max() <= 1
 
 
+def _plain_field(field: RadianceField, points, view_dirs, z_shape, z_appearance):
+    """The radiance field as the class docstring states it, written the plain way: every
+    input concatenated per point, the skip input concatenated again, a linear feature layer
+    before the colour branch. Uses ``field``'s parameters."""
+    b, n, _ = points.shape
+    per_point = lambda z: z[:, None, :].expand(b, n, z.shape[-1])  # noqa: E731
+    x_in = torch.cat([field.xyz_encoding(points), per_point(z_shape)], dim=-1)
+    h = x_in
+    for i, layer in enumerate(field.trunk):
+        h = torch.relu(layer(h))
+        if i in field.skips:
+            h = torch.cat([x_in, h], dim=-1)
+    sigma = field.density_head(h).squeeze(-1)
+    feature = field.feature(h)
+    view = torch.relu(field.view_layer(torch.cat([feature, field.dir_encoding(view_dirs), per_point(z_appearance)], -1)))
+    return torch.sigmoid(field.rgb_head(view)), sigma
+
+
+@pytest.mark.parametrize("sizes", ["+exp=smoke", "model=small", "model=graf"])
+def test_fused_field_equals_the_plain_concatenating_mlp(sizes):
+    """The fused field (per-sample latent matmuls, composed colour layers) is the same
+    function with the same gradients as the plain concatenating MLP, weights shared."""
+    cfg = load_config([sizes, "tracking=none"]).model.field
+    torch.manual_seed(0)
+    field = RadianceField(cfg).double()
+    for p in field.parameters():  # non-zero biases, so that a dropped bias would show
+        p.data.add_(0.05 * torch.randn_like(p))
+    points = torch.randn(3, 17, 3, dtype=torch.float64)
+    dirs = F.normalize(torch.randn(3, 17, 3, dtype=torch.float64), dim=-1)
+    z_shape = torch.randn(3, cfg.z_shape_dim, dtype=torch.float64)
+    z_app = torch.randn(3, cfg.z_appearance_dim, dtype=torch.float64)
+
+    def outputs_and_grads(fn):
+        field.zero_grad(set_to_none=True)
+        rgb, sigma = fn(field, points, dirs, z_shape, z_app)
+        (rgb.pow(2).sum() + sigma.sin().sum()).backward()
+        return rgb.detach(), sigma.detach(), {k: p.grad.clone() for k, p in field.named_parameters()}
+
+    rgb, sigma, grads = outputs_and_grads(lambda f, *a: f(*a))
+    rgb_ref, sigma_ref, grads_ref = outputs_and_grads(_plain_field)
+    torch.testing.assert_close(rgb, rgb_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sigma, sigma_ref, rtol=1e-10, atol=1e-12)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
 # --------------------------------------------------------------------------- renderer
 
 
@@ -201,7 +257,7 @@ def test_renderer_matches_analytic_sphere(samples_per_ray, importance_samples, t
     assert (expected_acc == 0).any() and (expected_acc > 0.5).any()  # misses and solid hits
     out = render_rays(
         SphereField(density, radius), origins, directions, torch.zeros(1, 1), torch.zeros(1, 1),
-        near=1.5, far=4.5, samples_per_ray=samples_per_ray, importance_samples=importance_samples,
+        settings(near=1.5, far=4.5, samples_per_ray=samples_per_ray, importance_samples=importance_samples),
     )
     torch.testing.assert_close(out["acc"], expected_acc, atol=tolerance, rtol=0)
     torch.testing.assert_close(out["depth"], expected_depth, atol=2 * tolerance, rtol=0)
@@ -211,10 +267,10 @@ def test_renderer_matches_analytic_sphere(samples_per_ray, importance_samples, t
 
 def test_renderer_white_background_and_chunks():
     origins, directions = _sphere_rays()
-    kwargs = dict(near=1.5, far=4.5, samples_per_ray=32, white_background=True)
+    base = settings(near=1.5, far=4.5, samples_per_ray=32, importance_samples=0, white_background=True)
     field, z = SphereField(3.0, 0.3), torch.zeros(1, 1)
-    full = render_rays(field, origins, directions, z, z, **kwargs)
-    chunked = render_rays(field, origins, directions, z, z, chunk=7, **kwargs)
+    full = render_rays(field, origins, directions, z, z, base)
+    chunked = render_rays(field, origins, directions, z, z, dataclasses.replace(base, chunk=7))
     for key in full:
         torch.testing.assert_close(chunked[key], full[key])
     missed = full["acc"] == 0
@@ -230,20 +286,23 @@ def test_renderer_runs_under_fake_tensor_mode(smoke_cfg):
         field = RadianceField(smoke_cfg.model.field)
         origins, directions = torch.randn(2, 16, 3), torch.randn(2, 16, 3)
         out = render_rays(
-            field, origins, directions, torch.randn(2, 8), torch.randn(2, 8), near=1.0, far=2.0,
-            samples_per_ray=8, importance_samples=4, perturb=True, noise_std=1.0, chunk=5, grad_checkpoint=True,
+            field, origins, directions, torch.randn(2, 8), torch.randn(2, 8),
+            settings(near=1.0, far=2.0, samples_per_ray=8, importance_samples=4, perturb=True, density_noise_std=1.0,
+                     density_noise_decay_iters=10, chunk=5, grad_checkpoint=True),
+            iteration=0,
         )
         out["rgb"].sum().backward()
     assert out["rgb"].shape == (2, 16, 3)
 
 
 def test_density_noise_decays_to_exactly_zero():
-    cfg = RenderConfig(density_noise_std=1.0, density_noise_decay_iters=5000)
-    assert density_noise_std(cfg, 0) == 1.0
-    assert density_noise_std(cfg, 2500) == pytest.approx(0.5)
-    assert 0 < density_noise_std(cfg, 4999) < 1e-3
-    assert all(density_noise_std(cfg, it) == 0.0 for it in (5000, 5001, 10**6))
-    assert density_noise_std(RenderConfig(density_noise_decay_iters=0), 0) == 0.0
+    s = settings(density_noise_std=1.0, density_noise_decay_iters=5000)
+    assert s.noise_std(0) == 1.0
+    assert s.noise_std(2500) == pytest.approx(0.5)
+    assert 0 < s.noise_std(4999) < 1e-3
+    assert all(s.noise_std(it) == 0.0 for it in (5000, 5001, 10**6))
+    assert s.noise_std(None) == 0.0  # evaluation
+    assert settings(density_noise_decay_iters=0).noise_std(0) == 0.0
 
 
 # --------------------------------------------------------------------------- CCSR
@@ -325,6 +384,14 @@ def _render_inputs(cfg, batch=2, seed=0):
     return z, classes, u, v, grid
 
 
+def _generate(gen, cfg, z, classes, u, v, grid, *, iteration=None, rng=None, ccsr_no_grad=False, **changes):
+    """Render (and super-resolve, when the generator has a CCSR) as the training step does."""
+    out = gen.render(z, classes, u, v, grid, settings(cfg, **changes), iteration=iteration, rng=rng)
+    if gen.ccsr is not None:
+        out["sr"] = gen.super_resolve(out["rgb"], u, upsample_grid(grid, gen.ccsr.scale), no_grad=ccsr_no_grad)
+    return out
+
+
 def _nonzero_finite_grads(module: nn.Module) -> dict[str, bool]:
     return {
         name: p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool(p.grad.abs().sum() > 0)
@@ -338,7 +405,7 @@ def test_adversarial_gradient_reaches_every_generator_part_in_discriminator_mode
     gen, disc = build_models(cfg, num_classes=2)
     assert disc.input_size == 32
     z, classes, u, v, grid = _render_inputs(cfg)
-    out = gen(z, classes, u, v, grid, iteration=0)
+    out = _generate(gen, cfg, z, classes, u, v, grid, iteration=0)
     assert out["rgb"].shape == (2, 3, 16, 16) and out["sr"].shape == (2, 3, 32, 32)
     logits, _ = disc(out["sr"], classes)
     g_loss(logits).backward()
@@ -353,13 +420,13 @@ def test_regularizer_mode_trains_ccsr_and_the_no_grad_toggle_stops_it():
     gen, _ = build_models(cfg, num_classes=2)
     z, classes, u, v, grid = _render_inputs(cfg)
 
-    out = gen(z, classes, u, v, grid, iteration=0)
+    out = _generate(gen, cfg, z, classes, u, v, grid, iteration=0)
     ccsr_consistency_loss(out["sr"], out["rgb"]).backward()
     assert all(_nonzero_finite_grads(gen.ccsr).values())
 
     # memory-guide item 9 as written: the SR output is a new leaf, the CCSR learns nothing
     gen.zero_grad(set_to_none=True)
-    out = gen(z, classes, u, v, grid, iteration=0, ccsr_no_grad=True)
+    out = _generate(gen, cfg, z, classes, u, v, grid, iteration=0, ccsr_no_grad=True)
     assert out["sr"].requires_grad and out["sr"].is_leaf
     ccsr_consistency_loss(out["sr"], out["rgb"]).backward()
     assert all(p.grad is None or not p.grad.any() for p in gen.ccsr.parameters())
@@ -372,11 +439,11 @@ def test_changing_one_sample_changes_only_its_output(smoke_cfg):
     z, _, u, v, grid = _render_inputs(smoke_cfg, batch=3)
     classes = torch.tensor([0, 0, 0])
     with torch.no_grad():
-        base = gen(z, classes, u, v, grid, 0, perturb=False)["rgb"]
-        other_class = gen(z, torch.tensor([0, 1, 0]), u, v, grid, 0, perturb=False)["rgb"]
+        base = _generate(gen, smoke_cfg, z, classes, u, v, grid)["rgb"]
+        other_class = _generate(gen, smoke_cfg, z, torch.tensor([0, 1, 0]), u, v, grid)["rgb"]
         z_changed = z.clone()
         z_changed[2] += 1.0
-        other_z = gen(z_changed, classes, u, v, grid, 0, perturb=False)["rgb"]
+        other_z = _generate(gen, smoke_cfg, z_changed, classes, u, v, grid)["rgb"]
     for changed, index in ((other_class, 1), (other_z, 2)):
         same = [i for i in range(3) if i != index]
         torch.testing.assert_close(changed[same], base[same], atol=1e-6, rtol=0)
@@ -388,7 +455,7 @@ def test_render_is_deterministic_under_a_fixed_seed(smoke_cfg):
         torch.manual_seed(123)
         gen, disc = build_models(smoke_cfg, num_classes=2)
         z, classes, u, v, grid = _render_inputs(smoke_cfg, seed=7)
-        out = gen(z, classes, u, v, grid, 0, perturb=True, generator=torch.Generator().manual_seed(1))
+        out = _generate(gen, smoke_cfg, z, classes, u, v, grid, iteration=0, rng=torch.Generator().manual_seed(1))
         return out["rgb"], disc(out["rgb"], classes)[0]
 
     (rgb_a, logits_a), (rgb_b, logits_b) = run(), run()
@@ -399,18 +466,19 @@ def test_render_chunks_and_checkpointing_do_not_change_the_result(smoke_cfg):
     torch.manual_seed(0)
     gen, _ = build_models(smoke_cfg, num_classes=2)
     z, classes, u, v, grid = _render_inputs(smoke_cfg)
-    plain = gen(z, classes, u, v, grid, 0, perturb=False)["rgb"]
+    plain = _generate(gen, smoke_cfg, z, classes, u, v, grid)["rgb"]
     plain.sum().backward()
     grad_plain = gen.field.trunk[0].weight.grad.clone()
     gen.zero_grad(set_to_none=True)
-    other = gen(z, classes, u, v, grid, 0, perturb=False, render_chunk=100, grad_checkpoint=True)["rgb"]
+    other = _generate(gen, smoke_cfg, z, classes, u, v, grid, chunk=100, grad_checkpoint=True,
+                      checkpoint_segment_points=512)["rgb"]
     other.sum().backward()
     torch.testing.assert_close(other, plain)
     torch.testing.assert_close(gen.field.trunk[0].weight.grad, grad_plain)
 
 
 def test_parameter_summary_and_cli(capsys):
-    from grafccsr.models.__main__ import main
+    from grafccsr.cli.models import main
 
     cfg = smoke_with("model.ccsr.mode=regularizer")
     gen, _ = build_models(cfg, num_classes=2)

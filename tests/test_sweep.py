@@ -145,7 +145,7 @@ def test_spec_yaml12_and_validation(tmp_path):
     assert spec.search_space["train.amp.policy"].choices == ["off", "generator"]  # not False
     assert spec.search_space["memory.grad_checkpoint"].choices == [False, True]
     assert spec.search_space["train.lr_g"].low == pytest.approx(1e-5)
-    assert spec.metric_names == ["peak_memory_mb", "fid"] and spec.directions == ["minimize", "minimize"]
+    assert spec.metric_names == ["peak_memory_mb", "fid_rf"] and spec.directions == ["minimize", "minimize"]
     assert spec.experiment_name == "sweep-a"
 
     base = {"study_name": "b", "search_space": {"train.batch_size": [1, 2]}}
@@ -175,7 +175,8 @@ def test_shipped_study_files_compose():
 
     from hydra import compose, initialize_config_dir
 
-    from grafccsr.config import CONF_DIR, register_configs, to_config
+    from grafccsr.config import register_configs, to_config
+    from grafccsr.paths import CONF_DIR
 
     smoke = load_spec(PROJECT / "sweeps" / "smoke.yaml")
     mq = load_spec(PROJECT / "sweeps" / "memory_quality.yaml")
@@ -428,20 +429,24 @@ def test_cli_help_and_bad_file(tmp_path):
 
 
 def test_real_smoke_study(tmp_path):
-    """Three real smoke trials (one OOM injected), MLflow parent/child links, Pareto artifact,
-    then a second invocation that resumes the finished study and launches nothing."""
+    """Three real smoke trials (one a real out-of-memory under a 6 GB address-space limit),
+    MLflow parent/child links, Pareto artifact, then a second invocation that resumes the
+    finished study and launches nothing."""
     from mlflow.tracking import MlflowClient
 
     study = write_study(
         tmp_path, name="real", n_trials=3,
+        trainer_cmd=["prlimit", "--as=6442450944", "--", sys.executable, "-m", "grafccsr.train"],
+        objectives=[{"metric": "peak_memory_mb", "direction": "minimize"},
+                    {"metric": "fid_rf", "direction": "minimize"}],
         base_overrides=["+exp=smoke", "train.device=cpu", "train.max_iters=2", "eval.num_samples=8",
-                        "eval.kid_subset_size=4", "train.sample_every=0", "train.ckpt_every=0"],
+                        "eval.kid_subset_size=4", "train.sample_every=0", "train.ckpt_every=0",
+                        "memory.no_grad_segment_points=1000000000"],
         search_space={"train.amp.policy": {"type": "categorical", "choices": ["off", "generator"]},
-                      "model.render.samples_per_ray": {"type": "categorical", "choices": [4, 8]},
-                      "train.inject_oom_at": {"type": "categorical", "choices": [-1, 0]}},
-        enqueue=[{"train.amp.policy": "off", "model.render.samples_per_ray": 4, "train.inject_oom_at": -1},
-                 {"train.amp.policy": "generator", "model.render.samples_per_ray": 4, "train.inject_oom_at": -1},
-                 {"train.amp.policy": "off", "model.render.samples_per_ray": 8, "train.inject_oom_at": 0}])
+                      "model.render.samples_per_ray": {"type": "categorical", "choices": [4, 50000]}},
+        enqueue=[{"train.amp.policy": "off", "model.render.samples_per_ray": 4},
+                 {"train.amp.policy": "generator", "model.render.samples_per_ray": 4},
+                 {"train.amp.policy": "off", "model.render.samples_per_ray": 50000}])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [sys.executable, "-m", "grafccsr.sweep", str(study), "--storage", f"sqlite:///{tmp_path}/optuna.db",
             "--tracking-uri", uri, "--runs-root", str(tmp_path / "runs"), "train.batch_size=1", "--workers", "2"]
@@ -455,7 +460,7 @@ def test_real_smoke_study(tmp_path):
     assert trials[2].user_attrs["failure_reason"] == "oom"
     for t in trials[:2]:
         assert all(math.isfinite(v) for v in t.values)
-        assert t.values[0] == t.user_attrs["peak_memory_mb"] and t.values[1] == t.user_attrs["fid"]
+        assert t.values[0] == t.user_attrs["peak_memory_mb"] and t.values[1] == t.user_attrs["fid_rf"]
 
     client = MlflowClient(uri)
     parents = client.search_runs([client.get_experiment_by_name("sweep-real").experiment_id],

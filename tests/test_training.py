@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from grafccsr.config import PROJECT_ROOT, load_config
+from grafccsr.config import load_config
+from grafccsr.paths import PROJECT_ROOT
 from grafccsr.data import build_dataset
-from grafccsr.memory.tracker import PhaseMemory
-from grafccsr.models import build_models
+from grafccsr.measure import PhaseMemory
 from grafccsr.tracking.base import Tracker
-from grafccsr.training.loop import EXIT_NONFINITE, EXIT_OOM, train
-from grafccsr.training.step import Batch, GanStep
+from grafccsr.training.build import build_run
+from grafccsr.training.faults import FAULT_ENV
+from grafccsr.training.loop import train
+from grafccsr.training.outcome import EXIT_NONFINITE, EXIT_OOM
+from grafccsr.training.step import Batch
 
 SMOKE = ["+exp=smoke", "tracking=none"]
 
@@ -44,10 +47,8 @@ class RecordingTracker(Tracker):
 
 def make_step(overrides=(), seed=0):
     cfg = load_config(SMOKE + list(overrides))
-    dataset = build_dataset(cfg.data)
-    torch.manual_seed(seed)
-    g, d = build_models(cfg, dataset.num_classes)
-    step = GanStep(cfg, g, d, torch.device("cpu"))
+    dataset = build_dataset(cfg.data, cfg.camera)
+    step = build_run(cfg, dataset.num_classes, "cpu", seed=seed)
     idx = torch.arange(cfg.train.batch_size) * 7 % len(dataset)
     batch = Batch(dataset.images[idx].float() / 127.5 - 1, dataset.labels[idx])
     return cfg, step, batch
@@ -140,8 +141,9 @@ def test_resume_reproduces_losses(tmp_path):
         assert first.metrics[key][2] == pytest.approx(full.metrics[key][2], rel=1e-5, abs=1e-6)
 
 
-def test_injected_oom_ends_failed_with_reason(tmp_path):
-    result, tracker = _run(tmp_path, "oom", ["train.inject_oom_at=2"])
+def test_injected_oom_ends_failed_with_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "oom@2")
+    result, tracker = _run(tmp_path, "oom", [])
     assert (result.status, result.reason, result.exit_code) == ("FAILED", "oom", EXIT_OOM)
     summary = json.loads((tmp_path / "oom" / "metrics.json").read_text())
     assert summary["reason"] == "oom" and summary["iteration"] == 2
@@ -149,8 +151,9 @@ def test_injected_oom_ends_failed_with_reason(tmp_path):
     assert tracker.status == "FAILED" and tracker.tags["failure_reason"] == "oom"
 
 
-def test_injected_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
-    result, tracker = _run(tmp_path, "nan", ["train.inject_nan_at=3", "train.ckpt_every=2", "eval.at_end=false"])
+def test_injected_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "nan@3")  # a batch of NaN images at iteration 3
+    result, tracker = _run(tmp_path, "nan", ["train.ckpt_every=2", "eval.at_end=false"])
     assert (result.status, result.reason, result.exit_code) == ("FAILED", "nonfinite", EXIT_NONFINITE)
     assert "loss/d" in result.summary["message"] and "iteration 3" in result.summary["message"]
     ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
@@ -158,8 +161,9 @@ def test_injected_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["step"]["discriminator"].values() if v.is_floating_point())
 
 
-def test_nan_skip_policy_continues(tmp_path):
-    result, _ = _run(tmp_path, "skip", ["train.inject_nan_at=1", "train.nan_policy=skip", "eval.at_end=false"])
+def test_nan_skip_policy_continues(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "nan@1")
+    result, _ = _run(tmp_path, "skip", ["train.nan_policy=skip", "eval.at_end=false"])
     assert result.status == "FINISHED" and result.summary["iteration"] == 4
 
 
@@ -180,13 +184,14 @@ def test_smoke_run_logs_metric_names_to_mlflow(tmp_path, mlflow_uri):
     names = set(run.data.metrics)
     for name in ("loss/d", "loss/g", "loss/r1", "loss/ccsr", "perf/it_per_s", "perf/rays_per_s",
                  "mem/peak_live_tensors_mb", "mem/train_peak_live_tensors_mb", "mem/d_step/peak_live_tensors_mb", "mem/g_step/peak_live_tensors_mb",
-                 "eval/fid", "eval/kid_mean", "eval/kid_std"):
+                 "eval/fid_rf", "eval/kid_rf_mean", "eval/kid_rf_std", "timing/step_s", "timing/data_s"):
         assert name in names, name
     assert run.data.params["train.batch_size"] == "2"
     assert run.data.tags["exp"] == "smoke" and run.data.tags["fid_extractor"] == "random-features"
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "config.yaml", "samples"} <= artifacts
+    assert {"metrics.json", "config.yaml", "images"} <= artifacts  # samples: MLflow images with a step slider
+    assert "eval/fid" not in names  # a random-feature FID never joins the Inception series
     assert (run_dir / "checkpoint.pt").is_file()
 
 

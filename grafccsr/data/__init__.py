@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grafccsr.config import DataConfig
+from grafccsr.config import CameraConfig, DataConfig
 from grafccsr.data.errors import DatasetError
 from grafccsr.data.folder import MultiViewFolder
 from grafccsr.data.loader import InfiniteSampler, build_loader
@@ -17,11 +17,11 @@ from grafccsr.data.synthetic import build_synthetic
 __all__ = ["DatasetError", "InfiniteSampler", "MultiViewFolder", "build_dataset", "build_loader", "build_synthetic"]
 
 
-def build_dataset(cfg: DataConfig) -> MultiViewFolder:
-    """The dataset ``cfg`` names: ``synthetic`` is rendered on first use (then cached),
-    ``folder`` is read from ``cfg.root``; both are validated and loaded into memory."""
+def build_dataset(cfg: DataConfig, camera: CameraConfig) -> MultiViewFolder:
+    """The dataset ``cfg`` names: ``synthetic`` is rendered through ``camera`` on first use
+    (then cached), ``folder`` is read from ``cfg.root``; both are validated and loaded into memory."""
     if cfg.kind == "synthetic":
-        return MultiViewFolder(build_synthetic(cfg), cfg)
+        return MultiViewFolder(build_synthetic(cfg, camera), cfg)
     if cfg.kind == "folder":
         if not cfg.root:
             raise DatasetError("data.root must name the dataset folder when data.kind=folder")

@@ -10,6 +10,7 @@ message instead of crashing a training run hours later.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,16 @@ class MultiViewFolder(Dataset):
         ).view(-1, 3)
         elevation_v = torch.tensor([float(v) for v in cfg.elevation_v], dtype=torch.float32)
         self.poses = torch.stack((self.labels[:, 2].float() / 360.0, elevation_v[self.labels[:, 1]]), dim=1)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of the decoded images, labels and class names (what training sees)."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256("|".join(self.class_names).encode())
+            h.update(self.labels.numpy().tobytes())
+            h.update(self.images.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from grafccsr.camera import full_grid, pose_matrix, rays_from_grid
-from grafccsr.config import PROJECT_ROOT, CameraConfig, ConfigError, DataConfig
+from grafccsr.config import CameraConfig, ConfigError, DataConfig
+from grafccsr.paths import DATA_DIR
 from grafccsr.data.errors import DatasetError
 
 GENERATOR = "grafccsr.data.synthetic"
@@ -323,9 +324,9 @@ def render_views(
 # --------------------------------------------------------------------------- the dataset on disk
 
 
-def _settings(cfg: DataConfig) -> Dict[str, Any]:
+def _settings(cfg: DataConfig, cam: CameraConfig) -> Dict[str, Any]:
     """Everything that changes the written bytes (hashed into the fingerprint)."""
-    syn, cam = cfg.synthetic, cfg.camera
+    syn = cfg.synthetic
     return {
         "generator": GENERATOR,
         "generator_version": GENERATOR_VERSION,
@@ -345,16 +346,16 @@ def _settings(cfg: DataConfig) -> Dict[str, Any]:
     }
 
 
-def fingerprint(cfg: DataConfig) -> str:
-    """12 hex digits identifying the bytes a build with ``cfg`` writes."""
-    blob = json.dumps(_settings(cfg), sort_keys=True).encode()
+def fingerprint(cfg: DataConfig, camera: CameraConfig) -> str:
+    """12 hex digits identifying the bytes a build with ``cfg`` and ``camera`` writes."""
+    blob = json.dumps(_settings(cfg, camera), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def synthetic_root(cfg: DataConfig, root: Optional[Path] = None) -> Path:
+def synthetic_root(cfg: DataConfig, camera: CameraConfig, root: Optional[Path] = None) -> Path:
     """Where the set lives: ``root``, else ``cfg.root``, else ``<project>/data/synthetic-<fingerprint>``."""
     if root is None:
-        root = Path(cfg.root) if cfg.root else PROJECT_ROOT / "data" / f"synthetic-{fingerprint(cfg)}"
+        root = Path(cfg.root) if cfg.root else DATA_DIR / f"synthetic-{fingerprint(cfg, camera)}"
     return Path(root).expanduser()
 
 
@@ -377,10 +378,10 @@ def read_manifest(root: Path) -> Optional[Dict[str, Any]]:
     return manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
 
 
-def is_complete(root: Path, cfg: DataConfig) -> bool:
+def is_complete(root: Path, cfg: DataConfig, camera: CameraConfig) -> bool:
     """True if ``root`` holds a finished build of exactly ``cfg`` (manifest and every image)."""
     manifest = read_manifest(root)
-    if manifest is None or manifest.get("fingerprint") != fingerprint(cfg):
+    if manifest is None or manifest.get("fingerprint") != fingerprint(cfg, camera):
         return False
     names = _file_names(cfg)
     return all((root / cls / name).is_file() for cls in manifest["class_names"] for name in names)
@@ -403,7 +404,7 @@ def _check(cfg: DataConfig) -> None:
         raise ConfigError("data.elevation_prefixes and data.elevation_v must have the same length")
 
 
-def _render_into(folder: Path, cfg: DataConfig) -> None:
+def _render_into(folder: Path, cfg: DataConfig, camera: CameraConfig) -> None:
     """Write every image, then the manifest (so a manifest implies a finished build)."""
     styles = class_styles(cfg.synthetic.num_classes, cfg.synthetic.seed)
     views = _views(cfg)
@@ -411,7 +412,7 @@ def _render_into(folder: Path, cfg: DataConfig) -> None:
     v = torch.tensor([float(cfg.elevation_v[e]) for e, _ in views])
     names = _file_names(cfg)
     for style in styles:
-        images = render_views(style, u, v, cfg.image_size, cfg.synthetic.supersample, cfg.camera)
+        images = render_views(style, u, v, cfg.image_size, cfg.synthetic.supersample, camera)
         pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         (folder / style.name).mkdir()
         for name, image in zip(names, pixels):
@@ -419,8 +420,8 @@ def _render_into(folder: Path, cfg: DataConfig) -> None:
                 folder / style.name / name, format="PNG", compress_level=_PNG_COMPRESS_LEVEL
             )
     manifest = {
-        **_settings(cfg),
-        "fingerprint": fingerprint(cfg),
+        **_settings(cfg, camera),
+        "fingerprint": fingerprint(cfg, camera),
         "class_names": [s.name for s in styles],
         "images_per_class": len(views),
         "num_images": len(views) * len(styles),
@@ -429,8 +430,9 @@ def _render_into(folder: Path, cfg: DataConfig) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def build_synthetic(cfg: DataConfig, root: Optional[Path] = None) -> Path:
-    """Render the embedded set for ``cfg`` (unless a complete copy exists) and return its folder.
+def build_synthetic(cfg: DataConfig, camera: CameraConfig, root: Optional[Path] = None) -> Path:
+    """Render the embedded set for ``cfg`` seen through ``camera`` (unless a complete copy
+    exists) and return its folder.
 
     Layout: ``<root>/<class name>/<elevPrefix>_<deg:04d>.png`` + ``manifest.json``.
     The same config always gives the same bytes. A folder at ``root`` that is not
@@ -438,8 +440,8 @@ def build_synthetic(cfg: DataConfig, root: Optional[Path] = None) -> Path:
     synthetic set there is replaced.
     """
     _check(cfg)
-    root = synthetic_root(cfg, root)
-    if is_complete(root, cfg):
+    root = synthetic_root(cfg, camera, root)
+    if is_complete(root, cfg, camera):
         return root
     if root.exists() and read_manifest(root) is None and (not root.is_dir() or any(root.iterdir())):
         raise DatasetError(
@@ -452,15 +454,15 @@ def build_synthetic(cfg: DataConfig, root: Optional[Path] = None) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        _render_into(staging, cfg)
+        _render_into(staging, cfg, camera)
         # re-checked here: a concurrent build (parallel sweep trials) may have finished meanwhile
-        if not is_complete(root, cfg):
+        if not is_complete(root, cfg, camera):
             if root.exists():
                 shutil.rmtree(root)  # empty, stale or damaged; checked above that it is ours
             try:
                 os.replace(staging, root)  # atomic: root never holds a half-written set
             except OSError:
-                if not is_complete(root, cfg):  # else the concurrent build won the race
+                if not is_complete(root, cfg, camera):  # else the concurrent build won the race
                     raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

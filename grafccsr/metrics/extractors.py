@@ -21,8 +21,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-RANDOM_FEATURES = "random-features"
-INCEPTION = "inception-v3-compat"
+from grafccsr.metrics import RANDOM_FEATURES
+
 
 _SEED = 0
 _INPUT_SIZE = 64

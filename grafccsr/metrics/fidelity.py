@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from grafccsr.config import PROJECT_ROOT, Config, ConfigError
+from grafccsr.config import Config, ConfigError
+from grafccsr.imaging import resize_uint8, to_uint8
+from grafccsr.metrics import INCEPTION, RANDOM_FEATURES
+from grafccsr.paths import DATA_DIR
 
 log = logging.getLogger(__name__)
 
-RANDOM_FEATURES = "random-features"
-INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 """torch-fidelity 0.4's own download URL (``URL_INCEPTION_V3`` in feature_extractor_inceptionv3.py)."""
@@ -67,19 +68,6 @@ class TensorImages(Dataset):
 def eval_resolution(cfg: Config) -> int:
     """Side of evaluated images: ``eval.resolution`` or, when 0, ``data.image_size``."""
     return int(cfg.eval.resolution or cfg.data.image_size)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 [0, 255] (rounded)."""
-    return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-
-
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize uint8 (N, 3, H, W) to size x size (bilinear, antialiased when shrinking)."""
-    if tuple(images.shape[-2:]) == (size, size):
-        return images
-    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def images_fingerprint(images: torch.Tensor) -> str:
@@ -155,7 +143,7 @@ def real_stats_key(images: torch.Tensor, resolution: int, extractor: str, weight
 
 
 def cache_root(cfg: Config) -> Path:
-    return Path(cfg.eval.cache_dir).expanduser() if cfg.eval.cache_dir else PROJECT_ROOT / "data" / "fidelity-cache"
+    return Path(cfg.eval.cache_dir).expanduser() if cfg.eval.cache_dir else DATA_DIR / "fidelity-cache"
 
 
 def kid_subsets_for(n_real: int, n_fake: int, subset_size: int, subsets: int) -> Tuple[int, int]:
@@ -295,7 +283,8 @@ def render_fakes(
 ) -> torch.Tensor:
     """``eval.num_samples`` uint8 fakes (N, 3, R, R) on the CPU at the real set's pose
     distribution, R = :func:`eval_resolution`."""
-    from grafccsr.models.views import render_views
+    from grafccsr.models.render import RenderSettings
+    from grafccsr.models.views import render_views  # looked up at call time (tests stub it)
 
     resolution = eval_resolution(cfg)
     ccsr = cfg.model.ccsr
@@ -304,6 +293,7 @@ def render_fakes(
             f"evaluation resolution {resolution} must be divisible by model.ccsr.scale={ccsr.scale} "
             "(the field renders at resolution / scale)"
         )
+    settings = RenderSettings.from_config(cfg)
     n = int(cfg.eval.num_samples)
     class_idx, u, v = sample_eval_poses(dataset, n, seed)
     z_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
@@ -314,26 +304,15 @@ def render_fakes(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n, desc="eval fakes", unit="img", leave=False)
+        bar = tqdm(total=n, desc="eval fakes", unit="img", leave=False, disable=None)
     was_training = generator.training
     generator.eval()
     try:
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
             images = render_views(
-                generator,
-                z[sl].to(device),
-                class_idx[sl].to(device),
-                u[sl].to(device),
-                v[sl].to(device),
-                radius=cfg.data.camera.radius,
-                image_size=resolution,
-                ccsr_mode=ccsr.mode,
-                ccsr_scale=ccsr.scale,
-                batch_size=step,
-                render_chunk=cfg.memory.render_chunk,
-                no_grad_segment_points=cfg.memory.no_grad_segment_points,
-                to_cpu=cfg.memory.eval_to_cpu,
+                generator, settings, z[sl].to(device), class_idx[sl].to(device), u[sl].to(device),
+                v[sl].to(device), image_size=resolution, batch_size=step, to_cpu=cfg.memory.eval_to_cpu,
             )
             out[sl] = to_uint8(images).cpu()
             del images

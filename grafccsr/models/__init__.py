@@ -11,8 +11,11 @@ from torch import nn
 from grafccsr.config import Config
 from grafccsr.models.discriminator import PatchDiscriminator
 from grafccsr.models.generator import Generator
+from grafccsr.models.render import RenderSettings
+from grafccsr.models.views import render_views
 
-__all__ = ["Generator", "PatchDiscriminator", "build_models", "discriminator_input_size", "parameter_summary"]
+__all__ = ["Generator", "PatchDiscriminator", "RenderSettings", "build_models", "discriminator_input_size",
+           "parameter_summary", "render_views"]
 
 
 def discriminator_input_size(cfg: Config) -> int:
@@ -23,7 +26,7 @@ def discriminator_input_size(cfg: Config) -> int:
 
 def build_models(cfg: Config, num_classes: int) -> tuple[Generator, PatchDiscriminator]:
     """The generator and discriminator for a validated config (on the CPU, float32)."""
-    generator = Generator(cfg.model, cfg.data.camera, num_classes, cfg.data.image_size)
+    generator = Generator(cfg.model, num_classes, cfg.data.image_size)
     discriminator = PatchDiscriminator(cfg.model.discriminator, discriminator_input_size(cfg), num_classes)
     return generator, discriminator
 

@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 from grafccsr.camera import pose_matrix, rays_from_grid
-from grafccsr.config import CameraConfig, ModelConfig
+from grafccsr.config import ModelConfig
 from grafccsr.models.ccsr import CCSR
 from grafccsr.models.field import RadianceField
-from grafccsr.models.render import CHECKPOINT_SEGMENT_POINTS, NO_GRAD_SEGMENT_POINTS, density_noise_std, render_rays
-from grafccsr.models.rays import upsample_grid
+from grafccsr.models.render import RenderSettings, render_rays
 
 _CLASS_EMBEDDING_STD = 0.1
 """Class embeddings start as a small offset of z (~N(0, 1)), so early training
@@ -18,17 +17,16 @@ behaves like unconditional GRAF and classes separate as the embedding learns."""
 
 
 class Generator(nn.Module):
-    """z (B, z_dim) + class (B,) + camera + patch grid -> rendered patch (and its SR).
+    """z (B, z_dim) + class (B,) + pose + patch grid -> rendered patch (and its SR).
 
     Sub-modules: ``field`` (:class:`RadianceField`), ``class_embedding``
     (``nn.Embedding(num_classes, z_dim)`` or None) and ``ccsr`` (:class:`CCSR`, or
     None when ``model.ccsr.mode == "off"``).
     """
 
-    def __init__(self, model: ModelConfig, camera: CameraConfig, num_classes: int, image_size: int):
+    def __init__(self, model: ModelConfig, num_classes: int, image_size: int):
         super().__init__()
         self.model_cfg = model
-        self.camera = camera
         self.z_dim = model.z_dim
         self.field = RadianceField(model.field)
         self.class_embedding: nn.Embedding | None = None
@@ -51,51 +49,34 @@ class Generator(nn.Module):
             z = z + self.class_embedding(class_idx).to(z.dtype)
         return z.split([self.model_cfg.field.z_shape_dim, self.model_cfg.field.z_appearance_dim], dim=-1)
 
+    @property
+    def ccsr_mode(self) -> str:
+        return self.model_cfg.ccsr.mode
+
     def render(
         self,
         z: torch.Tensor,
         class_idx: torch.Tensor,
-        c2w: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
         grid: torch.Tensor,
-        iteration: int,
+        settings: RenderSettings,
         *,
-        perturb: bool = True,
-        render_chunk: int = 0,
-        grad_checkpoint: bool = False,
-        checkpoint_segment_points: int = CHECKPOINT_SEGMENT_POINTS,
-        no_grad_segment_points: int = NO_GRAD_SEGMENT_POINTS,
-        generator: torch.Generator | None = None,
+        iteration: int | None = None,
+        rng: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Render patches at camera-to-world c2w (B, 4, 4) through grid (B, P, P, 2).
+        """Render patches at poses (u, v) (B,) through grid (B, P, P, 2).
 
-        ``perturb=True`` is training: jittered samples (if ``model.render.perturb``)
-        and density noise at ``density_noise_std(iteration)``; ``perturb=False``
-        (evaluation) is deterministic and noise-free.
+        ``iteration`` is training (jittered samples, density noise at that iteration);
+        None is evaluation, deterministic and noise-free. ``rng`` draws the jitter and noise.
         Returns rgb (B, 3, P, P) in [-1, 1], depth and acc (B, 1, P, P).
         """
-        cfg = self.model_cfg.render
         b, rows, cols, _ = grid.shape
-        origins, directions = rays_from_grid(c2w, grid, self.camera.fov_deg)
+        c2w = pose_matrix(u, v, settings.radius)
+        origins, directions = rays_from_grid(c2w, grid, settings.fov_deg)
         z_shape, z_appearance = self.condition(z, class_idx)
-        out = render_rays(
-            self.field,
-            origins,
-            directions,
-            z_shape,
-            z_appearance,
-            near=self.camera.near,
-            far=self.camera.far,
-            samples_per_ray=cfg.samples_per_ray,
-            importance_samples=cfg.importance_samples,
-            perturb=perturb and cfg.perturb,
-            noise_std=density_noise_std(cfg, iteration) if perturb else 0.0,
-            white_background=cfg.white_background,
-            chunk=render_chunk,
-            grad_checkpoint=grad_checkpoint,
-            checkpoint_segment_points=checkpoint_segment_points,
-            no_grad_segment_points=no_grad_segment_points,
-            generator=generator,
-        )
+        out = render_rays(self.field, origins, directions, z_shape, z_appearance, settings,
+                          iteration=iteration, generator=rng)
         return {
             "rgb": out["rgb"].transpose(1, 2).reshape(b, 3, rows, cols),
             "depth": out["depth"].reshape(b, 1, rows, cols),
@@ -122,32 +103,3 @@ class Generator(nn.Module):
         with torch.no_grad():
             sr = self.ccsr(rgb, view_idx, hr_grid)
         return sr.requires_grad_(True)
-
-    def forward(
-        self,
-        z: torch.Tensor,
-        class_idx: torch.Tensor,
-        u: torch.Tensor,
-        v: torch.Tensor,
-        grid: torch.Tensor,
-        iteration: int,
-        *,
-        perturb: bool = True,
-        render_chunk: int = 0,
-        grad_checkpoint: bool = False,
-        ccsr_no_grad: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Render at poses (u, v) (B,) through grid (B, P, P, 2), then super-resolve if CCSR is on.
-
-        Returns :meth:`render`'s dict, plus ``sr`` (B, 3, sP, sP) when ``self.ccsr`` exists.
-        """
-        c2w = pose_matrix(u, v, self.camera.radius)
-        out = self.render(
-            z, class_idx, c2w, grid, iteration,
-            perturb=perturb, render_chunk=render_chunk, grad_checkpoint=grad_checkpoint, generator=generator,
-        )
-        if self.ccsr is not None:
-            hr_grid = upsample_grid(grid, self.ccsr.scale)
-            out["sr"] = self.super_resolve(out["rgb"], u, hr_grid, no_grad=ccsr_no_grad)
-        return out

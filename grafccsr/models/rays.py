@@ -39,10 +39,11 @@ class PatchSampler:
         self.side = side
 
     def min_scale_at(self, iteration: int) -> float:
-        """s_min(it) = max(min_scale, max_scale * exp(-scale_anneal * (it // anneal_every)))."""
+        """s_min(it) = min(min_scale_cap, max(min_scale, max_scale * exp(-scale_anneal * (it // anneal_every)))):
+        GRAF's schedule, whose cap keeps patches of several scales from the first iteration."""
         c = self.cfg
         steps = iteration // c.anneal_every
-        return max(c.min_scale, c.max_scale * math.exp(-c.scale_anneal * steps))
+        return min(c.min_scale_cap, max(c.min_scale, c.max_scale * math.exp(-c.scale_anneal * steps)))
 
     def sample(
         self,
@@ -87,7 +88,7 @@ def upsample_grid(grid: torch.Tensor, factor: int) -> torch.Tensor:
     return torch.stack((x, y), dim=-1).reshape(b, rows * factor, cols * factor, 2)
 
 
-def sample_patches(images: torch.Tensor, grid: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+def sample_patches(images: torch.Tensor, grid: torch.Tensor, antialias: bool = False) -> torch.Tensor:
     """Bilinearly sample images (B, 3, H, W) at grid (B, P, P, 2) -> patches (B, 3, P, P).
 
     With ``antialias`` the images are prefiltered like a mip-map: a pyramid of

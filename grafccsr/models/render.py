@@ -8,32 +8,76 @@ Ray parameter ``t`` is measured in units of the (unnormalised) direction, so wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from grafccsr.config import RenderConfig
+from grafccsr.config import Config
 
 _LAST_DELTA = 1e10  # the last sample's interval reaches "infinity": it absorbs what is left
-CHECKPOINT_SEGMENT_POINTS = 1 << 16
-"""Default points per checkpointed segment of the field (``grad_checkpoint``; the config's
-``memory.checkpoint_segment_points``). Backward recomputes one segment at a time, so the
-field's activations peak at one segment's worth; a single segment (the whole field) would
-recompute everything at once and lower no peak."""
-NO_GRAD_SEGMENT_POINTS = 1 << 16
-"""Default for renders without autograd (the D step's fakes, samples, evaluation;
-``memory.no_grad_segment_points``): the field runs on at most this many points at a time,
-the same result with the MLP's temporaries bounded."""
 
 
-def density_noise_std(cfg: RenderConfig, iteration: int) -> float:
-    """Std of the noise on raw density: linear decay from ``cfg.density_noise_std`` at 0
-    to exactly 0.0 at ``cfg.density_noise_decay_iters`` and after (0 if that is 0)."""
-    decay = cfg.density_noise_decay_iters
-    if decay <= 0:
-        return 0.0
-    return cfg.density_noise_std * max(0, decay - iteration) / decay
+@dataclass(frozen=True)
+class RenderSettings:
+    """Everything that decides how rays are rendered: the camera, ``model.render`` and the
+    memory switches that shape the work. Built once from the config (:meth:`from_config`)
+    and passed to every render (training step, samples, evaluation, sizing)."""
+
+    fov_deg: float
+    """Camera field of view (``camera.fov_deg``)."""
+    radius: float
+    """Camera distance from the origin (``camera.radius``)."""
+    near: float
+    """Near bound of each ray (depth along the optical axis)."""
+    far: float
+    """Far bound of each ray."""
+    samples_per_ray: int
+    """Stratified samples per ray."""
+    importance_samples: int
+    """Extra samples per ray from the hierarchical pass (0 = off)."""
+    perturb: bool
+    """Jitter the stratified samples when training."""
+    density_noise_std: float
+    """Noise on raw density at iteration 0 (training only)."""
+    density_noise_decay_iters: int
+    """The noise decays linearly to exactly 0 at this iteration."""
+    white_background: bool
+    """Composite on white instead of black."""
+    chunk: int
+    """Rays rendered at a time (0 = all)."""
+    grad_checkpoint: bool
+    """Recompute the field's activations in backward, segment by segment."""
+    checkpoint_segment_points: int
+    """Points per checkpointed segment."""
+    no_grad_segment_points: int
+    """Points per field call when no graph is recorded."""
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "RenderSettings":
+        cam, render, mem = cfg.camera, cfg.model.render, cfg.memory
+        return cls(
+            fov_deg=cam.fov_deg, radius=cam.radius, near=cam.near, far=cam.far,
+            samples_per_ray=render.samples_per_ray, importance_samples=render.importance_samples,
+            perturb=render.perturb, density_noise_std=render.density_noise_std,
+            density_noise_decay_iters=render.density_noise_decay_iters, white_background=render.white_background,
+            chunk=mem.render_chunk, grad_checkpoint=mem.grad_checkpoint,
+            checkpoint_segment_points=mem.checkpoint_segment_points, no_grad_segment_points=mem.no_grad_segment_points,
+        )
+
+    @property
+    def points_per_ray(self) -> int:
+        return self.samples_per_ray + self.importance_samples
+
+    def noise_std(self, iteration: int | None) -> float:
+        """Std of the noise on raw density: linear decay from ``density_noise_std`` at 0 to
+        exactly 0.0 at ``density_noise_decay_iters`` and after; 0 when evaluating (None)."""
+        decay = self.density_noise_decay_iters
+        if iteration is None or decay <= 0:
+            return 0.0
+        return self.density_noise_std * max(0, decay - iteration) / decay
 
 
 def render_rays(
@@ -42,80 +86,59 @@ def render_rays(
     directions: torch.Tensor,
     z_shape: torch.Tensor,
     z_appearance: torch.Tensor,
+    settings: RenderSettings,
     *,
-    near: float,
-    far: float,
-    samples_per_ray: int,
-    importance_samples: int = 0,
-    perturb: bool = False,
-    noise_std: float = 0.0,
-    white_background: bool = False,
-    chunk: int = 0,
-    grad_checkpoint: bool = False,
-    checkpoint_segment_points: int = CHECKPOINT_SEGMENT_POINTS,
-    no_grad_segment_points: int = NO_GRAD_SEGMENT_POINTS,
+    iteration: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Render rays through a field with forward(points, view_dirs, z_shape, z_appearance).
 
     origins, directions: (B, R, 3); z_shape (B, Zs); z_appearance (B, Za).
-    ``samples_per_ray`` stratified depths on [near, far] (jittered when ``perturb``);
-    with ``importance_samples`` > 0 a hierarchical pass draws that many more depths
-    from the coarse weights and re-renders all of them with the same field (GRAF
-    uses one network). ``noise_std``: Gaussian noise on raw density. ``chunk`` > 0
-    renders at most that many rays at a time (less peak memory, same result).
-    ``grad_checkpoint`` recomputes the field's activations in backward, in segments of
-    at most ``checkpoint_segment_points`` points; without autograd the field runs on at
-    most ``no_grad_segment_points`` points at a time.
+    ``settings.samples_per_ray`` depths on [near, far]; with ``importance_samples`` > 0 a
+    hierarchical pass draws that many more depths from the coarse weights and re-renders
+    all of them with the same field (GRAF uses one network). ``iteration`` is training:
+    jittered samples (``perturb``) and density noise at ``settings.noise_std(iteration)``;
+    None is evaluation, deterministic and noise-free. ``chunk`` > 0 renders at most that
+    many rays at a time (less peak memory, same result). ``grad_checkpoint`` recomputes the
+    field's activations in backward, in segments of at most ``checkpoint_segment_points``
+    points; without autograd the field runs on at most ``no_grad_segment_points`` points at
+    a time. ``generator`` draws the jitter and noise.
 
     Returns ``rgb`` (B, R, 3) in [-1, 1], ``depth`` (B, R) (expected t, with empty
     space contributing 0: divide by ``acc`` for the depth of what was hit) and
     ``acc`` (B, R) (opacity).
     """
-    kwargs = dict(
-        near=near,
-        far=far,
-        samples_per_ray=samples_per_ray,
-        importance_samples=importance_samples,
-        perturb=perturb,
-        noise_std=noise_std,
-        white_background=white_background,
-        grad_checkpoint=grad_checkpoint,
-        checkpoint_segment_points=checkpoint_segment_points,
-        no_grad_segment_points=no_grad_segment_points,
-        generator=generator,
-    )
-    num_rays = origins.shape[1]
+    perturb = settings.perturb and iteration is not None
+    noise_std = settings.noise_std(iteration)
+    num_rays, chunk = origins.shape[1], settings.chunk
     if chunk <= 0 or chunk >= num_rays:
-        return _render(field, origins, directions, z_shape, z_appearance, **kwargs)
+        return _render(field, origins, directions, z_shape, z_appearance, settings, perturb, noise_std, generator)
     parts = [
-        _render(field, origins[:, i : i + chunk], directions[:, i : i + chunk], z_shape, z_appearance, **kwargs)
+        _render(field, origins[:, i : i + chunk], directions[:, i : i + chunk], z_shape, z_appearance, settings,
+                perturb, noise_std, generator)
         for i in range(0, num_rays, chunk)
     ]
     return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
 
 
-def _render(
-    field, origins, directions, z_shape, z_appearance, *, near, far, samples_per_ray, importance_samples,
-    perturb, noise_std, white_background, grad_checkpoint, checkpoint_segment_points, no_grad_segment_points,
-    generator,
-) -> dict[str, torch.Tensor]:
-    depths = stratified_depths(origins, near, far, samples_per_ray, perturb, generator)
-    if importance_samples > 0:
+def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings, perturb: bool, noise_std: float,
+            generator) -> dict[str, torch.Tensor]:
+    depths = stratified_depths(origins, s.near, s.far, s.samples_per_ray, perturb, generator)
+    if s.importance_samples > 0:
         # the coarse pass only places the fine samples (its weights are detached), so it
         # needs no graph; its depths are re-rendered with gradient in the merged pass
         with torch.no_grad():
             rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance,
-                                          no_grad_segment_points=no_grad_segment_points)
+                                          no_grad_segment_points=s.no_grad_segment_points)
             weights = composite(rgb, sigma_raw, depths, directions, noise_std, generator)["weights"]
         mids = 0.5 * (depths[..., 1:] + depths[..., :-1])
-        fine = sample_pdf(mids, weights[..., 1:-1], importance_samples, not perturb, generator)
+        fine = sample_pdf(mids, weights[..., 1:-1], s.importance_samples, not perturb, generator)
         depths = torch.sort(torch.cat([depths, fine], dim=-1), dim=-1).values
     rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance,
-                                  checkpoint_segment_points if grad_checkpoint else 0, no_grad_segment_points)
+                                  s.checkpoint_segment_points if s.grad_checkpoint else 0, s.no_grad_segment_points)
     out = composite(rgb, sigma_raw, depths, directions, noise_std, generator)
     colour = out["rgb"]
-    if white_background:
+    if s.white_background:
         colour = colour + (1.0 - out["acc"][..., None])
     return {"rgb": colour * 2.0 - 1.0, "depth": out["depth"], "acc": out["acc"]}
 
@@ -139,7 +162,7 @@ def stratified_depths(
 
 
 def _query_field(field, origins, directions, depths, z_shape, z_appearance, checkpoint_segment_points=0,
-                 no_grad_segment_points=NO_GRAD_SEGMENT_POINTS):
+                 no_grad_segment_points=0):
     """Evaluate the field at every (ray, depth): rgb (B, R, S, 3), raw sigma (B, R, S).
 
     The field runs on segments of whole rays: with ``checkpoint_segment_points`` > 0 (and
@@ -157,7 +180,7 @@ def _query_field(field, origins, directions, depths, z_shape, z_appearance, chec
 
         def run(*args):
             return checkpoint(field, *args, use_reentrant=False)
-    elif not torch.is_grad_enabled():
+    elif not torch.is_grad_enabled() and no_grad_segment_points > 0:
         segment_points = no_grad_segment_points
     rays = r if segment_points is None else max(1, segment_points // (b * s))
     if rays >= r:

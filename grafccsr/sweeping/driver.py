@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from grafccsr.sweeping import runner
-from grafccsr.sweeping.spec import (PROJECT_ROOT, SpecError, StudySpec, extract_metric, format_override,
+from grafccsr.paths import PROJECT_ROOT
+from grafccsr.sweeping.spec import (SpecError, StudySpec, extract_metric, format_override,
                                     override_value, short_names, trial_overrides)
 from grafccsr.sweeping.storage import (StudyLock, cpu_threads_per_worker, make_storage, redact,
                                        resolve_storage_url)
@@ -303,9 +304,7 @@ class Sweep:
             "peak_memory_mb": extract_metric(summary, "peak_memory_mb"),
             "peak_memory_measure": summary.get("peak_memory_measure"),
             "process_peak_rss_mb": extract_metric(summary, "process_peak_rss_mb"),
-            "fid": extract_metric(summary, "fid"),
-            "kid_mean": extract_metric(summary, "kid_mean"),
-            "kid_std": extract_metric(summary, "eval.kid_std"),
+            **{name: extract_metric(summary, name) for name in runner.QUALITY_METRICS},
             "it_per_s": extract_metric(summary, "it_per_s"),
             "fid_extractor": summary.get("fid_extractor"),
             "device": summary.get("device"), "iteration": summary.get("iteration"),

@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from grafccsr.sweeping.spec import StudySpec, short_names
 
 # Columns shown for every trial, whatever the objectives are.
-REPORT_METRICS = [("peak_memory_mb", "peak MB"), ("fid", "FID"), ("kid_mean", "KID"), ("it_per_s", "it/s")]
+REPORT_METRICS = [("peak_memory_mb", "peak MB"), ("fid_rf", "FID (rf)"), ("kid_rf_mean", "KID (rf)"),
+                  ("fid", "FID"), ("kid_mean", "KID"), ("it_per_s", "it/s")]
 
 
 def is_feasible(trial) -> bool:
@@ -62,12 +63,13 @@ def _fmt(value: Any) -> str:
 
 def format_table(front: Sequence[Any], spec: StudySpec) -> str:
     names = short_names(list(spec.search_space))
-    headers = ["trial", *names.values(), *(label for _, label in REPORT_METRICS), "mlflow run"]
+    metrics = [(m, label) for m, label in REPORT_METRICS if any(t.user_attrs.get(m) is not None for t in front)]
+    headers = ["trial", *names.values(), *(label for _, label in metrics), "mlflow run"]
     rows = []
     for trial in front:
         attrs = trial.user_attrs
         rows.append([str(trial.number), *(_fmt(trial.params.get(k)) for k in names),
-                     *(_fmt(attrs.get(m)) for m, _ in REPORT_METRICS), attrs.get("mlflow_run_id") or "-"])
+                     *(_fmt(attrs.get(m)) for m, _ in metrics), attrs.get("mlflow_run_id") or "-"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
              "  ".join("-" * w for w in widths)]

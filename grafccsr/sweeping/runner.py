@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from grafccsr.config import ConfigError
 from grafccsr.sweeping.spec import Objective, extract_metric
+from grafccsr.tracking.summary import METRICS_FILE
+from grafccsr.training.outcome import EXIT_CONFIG, EXIT_INTERRUPTED, REASON_BY_EXIT
 
-METRICS_FILE = "metrics.json"
-EXIT_REASONS = {1: "error", 2: "config", 3: "oom", 4: "nonfinite", 130: "interrupted",
-                -signal.SIGINT: "interrupted"}
+EXIT_REASONS = {**REASON_BY_EXIT, -signal.SIGINT: "interrupted"}
+QUALITY_METRICS = ("fid", "kid_mean", "kid_std", "fid_rf", "kid_rf_mean", "kid_rf_std")
 # Hydra rejects unknown keys / bad override syntax with exit code 1 before the app runs.
 _HYDRA_CONFIG_ERRORS = re.compile(
     r"Could not override|Key '.*' not in|ConfigCompositionException|OverrideParseException|"
@@ -164,7 +166,8 @@ def classify(exit_code: int, stop_cause: Optional[str], summary: Optional[Dict[s
              objectives: Sequence[Objective]) -> Outcome:
     """Decide the trial's state from exit code, metrics.json and stderr. Values are only ever
     the run's own measured numbers: anything missing or non-finite makes the trial FAIL."""
-    if stop_cause is not None:
+    finished = summary is not None and summary.get("status") == "FINISHED" and exit_code == 0
+    if stop_cause is not None and not finished:  # a run that finished before the stop keeps its result
         message = ("stopped by the sweep: per-trial timeout" if stop_cause == "timeout"
                    else "stopped by the sweep: interrupted")
         return Outcome("FAIL", reason=stop_cause, message=message, summary=summary, exit_code=exit_code,
@@ -173,10 +176,10 @@ def classify(exit_code: int, stop_cause: Optional[str], summary: Optional[Dict[s
     if summary is not None and summary.get("status") not in ("FINISHED", "FAILED", "KILLED"):
         partial, summary = summary, None  # a progress snapshot of a process that died
     if summary is None:
-        if exit_code == 2 or _HYDRA_CONFIG_ERRORS.search(stderr or ""):
+        if exit_code == EXIT_CONFIG or _HYDRA_CONFIG_ERRORS.search(stderr or ""):
             return Outcome("FAIL", reason="config", message=_config_message(stderr), exit_code=exit_code,
                            stderr_tail=stderr)
-        if exit_code in (3, 4, 130) or exit_code == -signal.SIGINT:
+        if exit_code in EXIT_REASONS and exit_code != 1:
             reason = EXIT_REASONS[exit_code]
         else:
             reason = "crash"
@@ -198,12 +201,23 @@ def classify(exit_code: int, stop_cause: Optional[str], summary: Optional[Dict[s
         else:
             values.append(value)
     if missing:
-        hint = " (is eval disabled, or did evaluation fail?)" if any(m in ("fid", "kid_mean") for m in missing) else ""
+        hint = _quality_hint(missing, summary)
         return Outcome("FAIL", reason="missing_metric",
                        message=f"metrics.json has no finite value for {', '.join(missing)}{hint}",
                        summary=summary, exit_code=exit_code, stderr_tail=stderr)
     assert all(math.isfinite(v) for v in values)
     return Outcome("COMPLETE", values=values, summary=summary, exit_code=exit_code, stderr_tail=stderr)
+
+
+def _quality_hint(missing: Sequence[str], summary: Mapping[str, Any]) -> str:
+    """Why a FID/KID objective found nothing: another extractor's keys, or no evaluation."""
+    if not any(m in QUALITY_METRICS for m in missing):
+        return ""
+    present = [k for k in QUALITY_METRICS if k in (summary.get("eval") or {})]
+    if present:
+        return (f" (metrics.json has {', '.join(present)} from the {summary.get('fid_extractor')} extractor: "
+                "name that metric as the objective, or change eval.extractor)")
+    return " (is eval disabled, or did evaluation fail?)"
 
 
 def run_trial(cmd: Sequence[str], run_dir: Path, objectives: Sequence[Objective], **kwargs) -> Outcome:
@@ -219,23 +233,12 @@ def run_trial(cmd: Sequence[str], run_dir: Path, objectives: Sequence[Objective]
 
 
 def predicted_peak_mb(overrides: Sequence[str]) -> Optional[float]:
-    """Pre-launch memory estimate for a trial's overrides, in MB; None when no estimator.
+    """Pre-launch memory estimate for a trial's overrides, in MB (the fake-tensor estimator);
+    None when the estimator cannot price the config (the trial then runs and is measured)."""
+    from grafccsr.sizing.estimate import estimate_peak_mb
 
-    Uses ``grafccsr.memory.estimate.estimate_peak_mb(overrides)`` when that module exists
-    (being written separately); any error there means "no estimate" — it never blocks a trial.
-    """
     try:
-        from grafccsr.memory.estimate import estimate_peak_mb  # type: ignore
-    except Exception:
-        return None
-    try:
-        value = estimate_peak_mb(list(overrides))
-    except Exception:
-        return None
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
+        value = float(estimate_peak_mb(list(overrides)))
+    except ConfigError:
         return None
     return value if math.isfinite(value) else None

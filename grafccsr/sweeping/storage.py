@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from grafccsr.sweeping.spec import PROJECT_ROOT
+from grafccsr.paths import PROJECT_ROOT
 
 SQLITE_BUSY_TIMEOUT_S = 60
 JOURNAL_PREFIX = "journal:"

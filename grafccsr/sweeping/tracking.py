@@ -20,9 +20,9 @@ def resolve_tracking_uri(uri: Optional[str]) -> Optional[str]:
     if uri is not None and uri.lower() in ("none", "off", "false", ""):
         return None
     if uri is None:
-        from grafccsr.tracking.mlflow import default_uri
+        from grafccsr.paths import default_tracking_uri
 
-        return default_uri()
+        return default_tracking_uri()
     from grafccsr.sweeping.storage import resolve_storage_url
 
     return resolve_storage_url(uri) if uri.startswith("sqlite:///") else uri

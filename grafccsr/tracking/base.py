@@ -9,9 +9,12 @@ from grafccsr.config import TrackingConfig
 
 
 class Tracker:
-    """No-op tracker; :class:`grafccsr.tracking.mlflow.MlflowTracker` overrides every call."""
+    """No tracking; :class:`grafccsr.tracking.mlflow.MlflowTracker` implements every call."""
 
     run_id: Optional[str] = None
+    uri: Optional[str] = None
+    url: Optional[str] = None
+    """Where a person looks at the run (the MLflow UI), when there is one."""
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
@@ -25,17 +28,23 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         pass
 
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """An image of a series (``key``) at ``step``: the UI's image step slider."""
+
+    def log_dataset(self, dataset: Any) -> None:
+        """The training data as the run's input (name, fingerprint, where it lives)."""
+
+    def log_checkpoint(self, path: Path, iteration: int) -> None:
+        """Upload a checkpoint so that another machine can evaluate or resume the run."""
+
     def end(self, status: str) -> None:
         """``status`` is FINISHED, FAILED or KILLED."""
-
-
-NullTracker = Tracker
 
 
 def build_tracker(cfg: TrackingConfig, run_name: str, resume_run_id: Optional[str] = None,
                   tags: Optional[Dict[str, str]] = None) -> Tracker:
     if cfg.backend == "none":
-        return NullTracker()
+        return Tracker()
     from grafccsr.tracking.mlflow import MlflowTracker  # mlflow import costs seconds
 
     return MlflowTracker(cfg, run_name=run_name, resume_run_id=resume_run_id, tags=tags)

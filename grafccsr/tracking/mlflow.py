@@ -1,29 +1,40 @@
-"""MLflow run lifecycle through ``MlflowClient`` (no global active run, so the
-training step and loop stay free of global state).
+"""MLflow run lifecycle through ``MlflowClient`` (no global active run, so the training step
+and loop stay free of global state).
 
-Default store: ``sqlite:///<project>/mlflow.db`` with artifacts beside it in
-``mlartifacts/``, so ``mlflow ui`` at the project root shows every run.
+Default store: ``sqlite:///<project>/mlflow.db`` with artifacts beside it in ``mlartifacts/``,
+so ``mlflow ui`` at the project root shows every run. Experiments are created as model
+training experiments (``mlflow.experimentKind``), and printed links open the UI's model
+training view (``?workflowType=machine_learning``), not its GenAI view.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlparse
 
-from grafccsr.config import PROJECT_ROOT, TrackingConfig
+from grafccsr.config import TrackingConfig
+from grafccsr.paths import default_tracking_uri
 from grafccsr.tracking.base import Tracker
 
 PARAM_MAX_CHARS = 6000
-
-
-def default_uri() -> str:
-    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Tag that marks an experiment as model training (MLflow 3's UI otherwise opens GenAI views)."""
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where ``make ui`` serves a local store."""
+CHECKPOINT_TAG = "checkpoint.latest"
+"""Artifact path of the newest completely uploaded checkpoint (``tracking.log_checkpoints``)."""
 
 
 def resolve_uri(uri: Optional[str]) -> str:
-    return uri or default_uri()
+    return uri or default_tracking_uri()
+
+
+def is_server(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
 
 
 def artifact_root_for(uri: str) -> Optional[str]:
@@ -35,10 +46,26 @@ def artifact_root_for(uri: str) -> Optional[str]:
 
 
 def get_or_create_experiment(client, name: str, uri: str) -> str:
+    """The experiment's id; created (race-free across processes) as a model-training experiment."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root_for(uri))
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root_for(uri), tags=EXPERIMENT_KIND)
+        except MlflowException:  # another process created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get("mlflow.experimentKind") is None:
+        client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return experiment.experiment_id
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """Link to a run in the MLflow UI (a server's own, or ``make ui`` for a local store)."""
+    base = uri.rstrip("/") if is_server(uri) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 class MlflowTracker(Tracker):
@@ -61,6 +88,10 @@ class MlflowTracker(Tracker):
             run = self.client.create_run(experiment_id, tags=run_tags, run_name=cfg.run_name or run_name)
             self.run_id = run.info.run_id
             self.resumed = False
+        self.url = run_url(self.uri, run.info.experiment_id, self.run_id)
+        self.monitor = None
+        if cfg.system_metrics:
+            self.monitor = _system_metrics(self.run_id, self.uri, cfg.system_metrics_interval_s, resume=self.resumed)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -72,12 +103,11 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=items[start:start + 100], synchronous=True)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -88,5 +118,77 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(self.run_id, np.asarray(image.convert("RGB")), key=key, step=step)
+
+    def log_dataset(self, dataset: Any) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entity = Dataset(
+            name=Path(dataset.root).name, digest=dataset.fingerprint, source_type="local",
+            source=json.dumps({"uri": str(Path(dataset.root).resolve())}),
+            profile=json.dumps({"images": len(dataset), "classes": dataset.num_classes,
+                                "image_size": dataset.image_size}),
+        )
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])])
+
+    def log_checkpoint(self, path: Path, iteration: int) -> None:
+        """Upload under a path never reused (``checkpoints/<iteration>/``), then point
+        :data:`CHECKPOINT_TAG` at it: a reader never sees a half-uploaded checkpoint."""
+        folder = f"checkpoints/{iteration:08d}"
+        self.client.log_artifact(self.run_id, str(path), folder)
+        self.client.set_tag(self.run_id, CHECKPOINT_TAG, f"{folder}/{Path(path).name}")
+
     def end(self, status: str) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _system_metrics(run_id: str, uri: str, interval_s: float, resume: bool):
+    """MLflow's CPU/GPU/memory monitor (``system/*`` metrics) for this run, or None when its
+    optional dependencies (psutil; nvidia-ml-py for GPUs) are missing."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                       resume_logging=resume, tracking_uri=uri)
+    except ImportError:
+        return None
+    monitor.start()
+    return monitor
+
+
+def log_evaluation(uri: str, training_run_id: str, name: str, iteration: int, metrics: Optional[Mapping[str, Any]],
+                   files, extractor_tag: str) -> Tuple[str, str]:
+    """A child run of the training run holding one evaluation (metrics at the checkpoint's
+    iteration, files as artifacts): the training run's own record is never written over.
+    Returns (child run id, its UI link)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(training_run_id)
+    tags = {"mlflow.parentRunId": training_run_id, "mlflow.runName": name, "evaluation_of": training_run_id,
+            "evaluated_iteration": str(iteration)}
+    if metrics is not None:
+        tags[extractor_tag] = metrics["extractor"]
+    run = client.create_run(parent.info.experiment_id, tags=tags, run_name=name)
+    run_id = run.info.run_id
+    try:
+        if metrics is not None:
+            now = int(time.time() * 1000)
+            values = [Metric(f"eval/{k}", float(v), now, iteration) for k, v in metrics.items()
+                      if k.startswith(("fid", "kid")) and isinstance(v, (int, float)) and math.isfinite(float(v))]
+            client.log_batch(run_id, metrics=values, synchronous=True)
+        for path in files:
+            client.log_artifact(run_id, str(path))
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id, run_url(uri, parent.info.experiment_id, run_id)

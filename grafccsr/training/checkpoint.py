@@ -10,7 +10,19 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
+from grafccsr.config import ConfigError
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint named on the command line is missing, unreadable or not ours."""
+
 CHECKPOINT_NAME = "checkpoint.pt"
+"""The latest state of a run (written every ``train.ckpt_every`` iterations and at the end)."""
+BEST_NAME = "best.pt"
+"""The state with the best ``eval.best_metric`` so far."""
+SNAPSHOT_DIR = "snapshots"
+"""``snapshots/<k>.pt``: states at fractions of a time budget (``train.snapshots``)."""
+PARTIAL_SUFFIX = ".tmp"
 
 
 def rng_state() -> Dict[str, Any]:
@@ -32,7 +44,7 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> Path:
     """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     torch.save(state, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -40,19 +52,35 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> Path:
     return path
 
 
-def resolve_checkpoint(path_or_dir: str | Path) -> Path:
-    """Accept a checkpoint file or a run folder holding ``checkpoint.pt``."""
+def remove_partial_files(run_dir: Path) -> None:
+    """Delete checkpoints half-written by a killed process (``*.pt.tmp``); the complete
+    files beside them are untouched."""
+    for partial in Path(run_dir).rglob(f"*.pt{PARTIAL_SUFFIX}"):
+        partial.unlink(missing_ok=True)
+
+
+def resolve_checkpoint(path_or_dir: str | Path, name: str = CHECKPOINT_NAME) -> Path:
+    """Accept a checkpoint file or a run folder holding ``name``."""
     path = Path(path_or_dir).expanduser()
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        path = path / name
     if not path.is_file():
-        raise FileNotFoundError(f"resume={str(path_or_dir)!r}: no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}")
     return path
 
 
-def load_checkpoint(path: str | Path) -> Dict[str, Any]:
-    path = resolve_checkpoint(path)
+def load_checkpoint(path: str | Path, name: str = CHECKPOINT_NAME) -> Dict[str, Any]:
+    """A checkpoint file (or a run folder's ``name``) as saved by the trainer."""
+    path = resolve_checkpoint(path, name)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # corrupt or truncated file
-        raise RuntimeError(f"could not read checkpoint {path}: {err}") from err
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for corrupt or truncated files
+        raise CheckpointError(f"could not read checkpoint {path}: {first_line(err)}") from None
+    if not isinstance(state, dict) or "config" not in state or "step" not in state:
+        raise CheckpointError(f"{path} is not a grafccsr training checkpoint (no config/step)")
+    return state
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,75 +1,73 @@
-"""The training loop: cadence, memory statistics, samples, evaluation,
-checkpoints, resume and failure handling. Reads top to bottom as one run.
+"""The training loop: one run, top to bottom.
 
-Logging, samples and checkpoints happen only on the main process
-(``is_main``), so a DDP launcher can wrap this later without changes here.
+:func:`train` builds a :class:`Trainer` and runs it: set up (device, data, models, resume),
+open the tracking run, iterate (batch, D step, G step, statistics, maintenance: logs,
+samples, evaluation, checkpoints), finish, and end every run with a status, whatever
+stops it. Signal handlers are installed before anything else, so a SIGTERM at any moment
+ends the run cleanly.
+
+Only the main process logs, writes files and talks to MLflow (``is_main``).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from omegaconf import OmegaConf
 
-from grafccsr.config import Config, flatten
+from grafccsr.config import Config, flatten, to_dict, to_yaml
 from grafccsr.data import build_dataset, build_loader
-from grafccsr.memory.tracker import PhaseMemory, process_peak_rss_mb
-from grafccsr.models import build_models
-from grafccsr.models.views import render_views
-from grafccsr.tracking.base import Tracker
+from grafccsr.measure import PhaseMemory, process_peak_rss_mb
+from grafccsr.metrics import keyed, metric_key
+from grafccsr.tracking import Tracker
+from grafccsr.tracking.provenance import provenance_tags
 from grafccsr.tracking.summary import write_summary
+from grafccsr.training.build import build_run, device_name, resolve_device
 from grafccsr.training.checkpoint import (
+    BEST_NAME,
     CHECKPOINT_NAME,
+    SNAPSHOT_DIR,
+    first_line,
     load_checkpoint,
+    remove_partial_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from grafccsr.training.compile import compile_field
-from grafccsr.training.images import save_image_grid
-from grafccsr.training.step import Batch, GanStep, NonFiniteLoss
+from grafccsr.training.faults import fault_from_env
+from grafccsr.training.outcome import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_OOM,
+    RunResult,
+    is_out_of_memory,
+)
+from grafccsr.training.samples import sample_grid, sample_latents, save_sample_grid
+from grafccsr.training.stats import Stats, fmt, throughput
+from grafccsr.training.step import Batch, NonFiniteLoss
 
-EXIT_OK, EXIT_ERROR, EXIT_OOM, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 1, 3, 4, 130
-BEST_NAME = "best.pt"
+log = logging.getLogger("grafccsr.train")
 
-
-@dataclass
-class RunResult:
-    status: str  # FINISHED | FAILED | KILLED
-    reason: Optional[str]  # None | oom | nonfinite | interrupted | error
-    exit_code: int
-    summary: Dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use train.device=cpu")
-    return device
+TrackerFactory = Callable[..., Tracker]
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next iteration
-    boundary. A second signal interrupts at once."""
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop stops at the next iteration boundary (checkpoint
+    written). A second signal interrupts at once."""
 
     def __init__(self) -> None:
         self.requested: Optional[str] = None
         self._previous: Dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -87,292 +85,358 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _to_float(values: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    return {k: float(v) for k, v in values.items()}
+def train(cfg: Config, output_dir: Path, tracker_factory: TrackerFactory, is_main: bool = True,
+          run_name: Optional[str] = None, note: str = "") -> RunResult:
+    """Train ``cfg`` into ``output_dir``; see :class:`Trainer`."""
+    return Trainer(cfg, output_dir, tracker_factory, is_main, run_name=run_name, note=note).run()
 
 
-def train(cfg: Config, output_dir: Path, tracker_factory: Callable[..., Tracker], is_main: bool = True) -> RunResult:
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    t_cfg, mem_cfg = cfg.train, cfg.memory
-    device = resolve_device(t_cfg.device)
-    if device.type == "cuda" and t_cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(t_cfg.seed)
+class Trainer:
+    """One training run. Read :meth:`run` first: everything else is a step it names."""
 
-    # ------------------------------------------------------------ data, models, state
-    dataset = build_dataset(cfg.data)
-    generator, discriminator = build_models(cfg, dataset.num_classes)
-    generator.to(device)
-    discriminator.to(device)
-    if t_cfg.compile:
-        compile_field(generator)
-    step = GanStep(cfg, generator, discriminator, device)
+    def __init__(self, cfg: Config, output_dir: Path, tracker_factory: TrackerFactory, is_main: bool = True,
+                 run_name: Optional[str] = None, note: str = "") -> None:
+        self.cfg, self.output_dir, self.is_main = cfg, Path(output_dir), is_main
+        self.tracker_factory, self.run_name, self.note = tracker_factory, run_name, note
+        self.tracker: Tracker = Tracker()
+        self.stats = Stats()
+        self.iteration = self.start_iter = 0
+        self.best: Dict[str, Any] = {"value": math.inf, "iteration": None}
+        self.losses: Dict[str, float] = {}
+        self.evaluation: Dict[str, Any] = {}
+        self.timed = {"iterations": 0, "seconds": 0.0}
+        self.train_clock = 0.0
+        self.stopped_by_budget = False
+        self.status, self.reason, self.exit_code, self.message = "FINISHED", None, EXIT_OK, ""
+        self.opened = False
+        self.summary: Dict[str, Any] = {}
 
-    start_iter, run_id, best = 0, None, {"value": math.inf, "iteration": None}
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        step.load_state_dict(ckpt["step"])
-        set_rng_state(ckpt["rng"])
-        start_iter, run_id = ckpt["iteration"], ckpt.get("mlflow_run_id")
-        best = ckpt.get("best", best)
+    # ------------------------------------------------------------------ the run
 
-    tags = {
-        "exp": cfg.exp_name,
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "fid_extractor": cfg.eval.extractor,
-        "output_dir": str(output_dir.resolve()),
-        **_git_tags(),
-    }
-    tracker = tracker_factory(cfg.tracking, run_name=f"{cfg.exp_name}-{output_dir.name}", resume_run_id=run_id, tags=tags) \
-        if is_main else Tracker()
-    tracker.set_tags({"output_dir": str(output_dir.resolve()), "status_detail": "running"})
-    tracker.log_params(flatten(cfg))
-    config_path = output_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tracker.log_artifact(config_path)
-
-    loader = build_loader(dataset, t_cfg.batch_size, mem_cfg, device, t_cfg.seed, start_batch=start_iter)
-    data_iter = iter(loader)
-    memory = PhaseMemory(device)
-    side = cfg.model.patch.side
-    rays_per_iter = 2 * t_cfg.batch_size * side * side  # D fakes + G fakes
-    points_per_ray = cfg.model.render.samples_per_ray + cfg.model.render.importance_samples
-    track_other_phases = mem_cfg.track_peak_every > 0  # sample/eval are rare: always measured
-    sample_z = torch.randn(t_cfg.num_sample_views, cfg.model.z_dim, generator=torch.Generator().manual_seed(1234))
-
-    state = {"iteration": start_iter, "losses": {}, "eval": {}, "perf": {}}
-    window = {"sums": {}, "count": 0, "seconds": 0.0, "timed": 0}
-    timing = {"seconds": 0.0, "iterations": 0}
-    status, reason, exit_code, message = "FINISHED", None, EXIT_OK, ""
-
-    def checkpoint(path: Path) -> None:
-        save_checkpoint(
-            {
-                "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-                "iteration": state["iteration"],
-                "step": step.state_dict(),
-                "rng": rng_state(),
-                "mlflow_run_id": tracker.run_id,
-                "tracking_uri": getattr(tracker, "uri", None),
-                "num_classes": dataset.num_classes,
-                "class_names": dataset.class_names,
-                "best": best,
-            },
-            path,
-        )
-
-    def write_samples(iteration: int) -> None:
-        with memory.phase("sample", track_live=track_other_phases, state=step.modules_and_optimizers()):
-            images = sample_grid(step.sampling_generator, cfg, dataset, sample_z, device)
-        path = save_image_grid(images, output_dir / "samples" / f"{iteration:07d}.png", nrow=t_cfg.num_sample_views)
-        tracker.log_artifact(path, "samples")
-        release_cache()
-
-    def release_cache() -> None:
-        if mem_cfg.empty_cache_every:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def run_eval(iteration: int) -> None:
-        from grafccsr.metrics import evaluate_generator
-
-        with memory.phase("eval", track_live=track_other_phases, state=step.modules_and_optimizers()):
-            result = evaluate_generator(step.sampling_generator, dataset, cfg, device, seed=t_cfg.seed)
-        state["eval"] = result
-        tracker.log_metrics({f"eval/{k}": result[k] for k in ("fid", "kid_mean", "kid_std")}, step=iteration)
-        value = result[cfg.eval.best_metric]
-        if value < best["value"]:
-            best.update(value=value, iteration=iteration, metric=cfg.eval.best_metric)
-            checkpoint(output_dir / BEST_NAME)
-        release_cache()
-
-    def log_window(iteration: int) -> None:
-        count = max(window["count"], 1)
-        losses = {k: v / count for k, v in _to_float(window["sums"]).items()}
-        state["losses"] = losses
-        metrics = dict(losses)
-        if window["timed"]:
-            it_per_s = window["timed"] / window["seconds"]
-            metrics.update({"perf/it_per_s": it_per_s, "perf/rays_per_s": it_per_s * rays_per_iter,
-                            "perf/points_per_s": it_per_s * rays_per_iter * points_per_ray})
-        metrics.update(memory.pop_window())
-        metrics["mem/process_peak_rss_mb"] = process_peak_rss_mb()
-        metrics["train/lr_g"] = step.opt_g.param_groups[0]["lr"]
-        tracker.log_metrics(metrics, step=iteration)
-        if progress is not None:
-            shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in losses.items() if k in ("loss/d", "loss/g")}
-            peak = metrics.get("mem/peak_allocated_mb", metrics.get("mem/peak_live_tensors_mb"))
-            if peak is not None:
-                shown["mem_mb"] = f"{peak:.0f}"
-            progress.set_postfix(shown, refresh=False)
-        window.update(sums={}, count=0, seconds=0.0, timed=0)
-
-    progress = None
-    if is_main and t_cfg.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=t_cfg.max_iters, initial=start_iter, desc=cfg.exp_name, unit="it", dynamic_ncols=True)
-
-    with _StopRequest() as stop:
-        try:
-            for iteration in range(start_iter, t_cfg.max_iters):
-                state["iteration"] = iteration
-                images, labels = _next_batch(data_iter, device, mem_cfg.non_blocking)
-                batch = Batch(images, labels)
-                every = mem_cfg.track_peak_every
-                track = every > 0 and (iteration - start_iter < 2 or iteration % every == 0)
-                live_state = step.modules_and_optimizers() + (images, labels)
-                t0 = time.perf_counter()
-                with memory.phase("d_step", track_live=track, state=live_state):
-                    d_losses = step.d_step(batch, iteration)
-                with memory.phase("g_step", track_live=track, state=live_state):
-                    g_losses = step.g_step(batch, iteration)
-                seconds = time.perf_counter() - t0
-                if not track:  # the live-tensor tracker slows tracked iterations
-                    window["seconds"] += seconds
-                    window["timed"] += 1
-                    timing["seconds"] += seconds
-                    timing["iterations"] += 1
-                for k, v in {**d_losses, **g_losses}.items():
-                    window["sums"][k] = window["sums"].get(k, 0.0) + v.detach()
-                window["count"] += 1
-                done = iteration + 1
-                state["iteration"] = done
-                if progress is not None:
-                    progress.update(1)
-                if not is_main:
-                    continue
-                if t_cfg.log_every and done % t_cfg.log_every == 0:
-                    log_window(done)
-                if t_cfg.sample_every and done % t_cfg.sample_every == 0:
-                    write_samples(done)
-                if t_cfg.eval_every and done % t_cfg.eval_every == 0:
-                    run_eval(done)
-                if t_cfg.ckpt_every and done % t_cfg.ckpt_every == 0:
-                    checkpoint(output_dir / CHECKPOINT_NAME)
-                    release_cache()
-                if mem_cfg.empty_cache_every and done % mem_cfg.empty_cache_every == 0:
-                    release_cache()
+    def run(self) -> RunResult:
+        with StopRequest() as stop:
+            # config, data and device errors propagate from here: nothing was opened or written
+            self.setup()
+            try:
                 if stop.requested:
                     raise KeyboardInterrupt
-            if is_main:
-                if window["count"]:
-                    log_window(state["iteration"])
-                if not (t_cfg.sample_every and state["iteration"] % t_cfg.sample_every == 0):
-                    write_samples(state["iteration"])
-                if cfg.eval.at_end and not (t_cfg.eval_every and state["iteration"] % t_cfg.eval_every == 0):
-                    run_eval(state["iteration"])
-                checkpoint(output_dir / CHECKPOINT_NAME)
-        except torch.OutOfMemoryError as err:
-            status, reason, exit_code, message = "FAILED", "oom", EXIT_OOM, str(err).splitlines()[0]
-        except NonFiniteLoss as err:
-            status, reason, exit_code, message = "FAILED", "nonfinite", EXIT_NONFINITE, str(err)
-        except KeyboardInterrupt:
-            status, reason, exit_code = "KILLED", "interrupted", EXIT_INTERRUPTED
-            message = f"stopped by {stop.requested or 'SIGINT'} at iteration {state['iteration']}"
-            if is_main:
-                checkpoint(output_dir / CHECKPOINT_NAME)
-        except Exception as err:
-            status, reason, exit_code, message = "FAILED", "error", EXIT_ERROR, f"{type(err).__name__}: {err}"
-            raise
+                self.open_tracking()
+                self.loop(stop)
+                self.finish()
+            except NonFiniteLoss as err:
+                self.fail("FAILED", "nonfinite", EXIT_NONFINITE, str(err))
+            except KeyboardInterrupt:
+                self.fail("KILLED", "interrupted", EXIT_INTERRUPTED,
+                          f"stopped by {stop.requested or 'SIGINT'} at iteration {self.iteration}")
+                if self.iteration > self.start_iter:
+                    self.save(CHECKPOINT_NAME)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    self.fail("FAILED", "error", EXIT_ERROR, f"{type(err).__name__}: {first_line(err)}")
+                    raise
+                self.fail("FAILED", "oom", EXIT_OOM, first_line(err))
+            finally:
+                self.close()
+        return RunResult(self.status, self.reason, self.exit_code, self.summary if self.is_main else {})
+
+    def setup(self) -> None:
+        """Device, data, models and step, resumed state, loader. Nothing is written yet, so a
+        config or data error leaves nothing behind."""
+        cfg, t = self.cfg, self.cfg.train
+        self.device = resolve_device(t.device)
+        if self.device.type == "cuda" and t.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        log.info("setting up %s on %s", cfg.exp_name, device_name(self.device))
+        self.dataset = build_dataset(cfg.data, cfg.camera)
+        self.step = build_run(cfg, self.dataset.num_classes, self.device, seed=t.seed)
+        self.run_id = None
+        if cfg.resume:
+            state = load_checkpoint(cfg.resume)
+            self.step.load_state_dict(state["step"])
+            set_rng_state(state["rng"])
+            self.start_iter = self.iteration = state["iteration"]
+            self.run_id, self.best = state.get("mlflow_run_id"), state.get("best", self.best)
+            self.train_clock = state.get("train_seconds", 0.0)
+        self.loader = iter(build_loader(self.dataset, t.batch_size, cfg.memory, self.device, t.seed,
+                                        start_batch=self.start_iter))
+        self.memory = PhaseMemory(self.device)
+        self.fault = fault_from_env()
+        self.sample_z = sample_latents(cfg)
+        settings = self.step.render_settings
+        self.rays_per_iteration = 2 * t.batch_size * cfg.model.patch.rays_per_patch  # D-step and G-step fakes
+        self.points_per_ray = settings.points_per_ray
+        self.snapshot_times = [f * t.time_budget_s for f in t.snapshot_fractions] if t.snapshots else []
+        g_params = sum(p.numel() for p in self.step.generator.parameters())
+        d_params = sum(p.numel() for p in self.step.discriminator.parameters())
+        log.info("data: %d images, %d classes, %d px (%s); generator %.3g M, discriminator %.3g M parameters",
+                 len(self.dataset), self.dataset.num_classes, self.dataset.image_size, self.dataset.root,
+                 g_params / 1e6, d_params / 1e6)
+
+    def open_tracking(self) -> None:
+        """The run folder's config and the MLflow run (a resumed run continues its own)."""
+        if not self.is_main:
+            return
+        cfg = self.cfg
+        self.opened = True
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(self.output_dir)
+        tags = {"exp": cfg.exp_name, "device": device_name(self.device), "torch": torch.__version__,
+                "fid_extractor": cfg.eval.extractor, "output_dir": str(self.output_dir.resolve()),
+                "status_detail": "running", **provenance_tags()}
+        if self.note:
+            tags["mlflow.note.content"] = self.note
+        self.tracker = self.tracker_factory(cfg.tracking, run_name=self.run_name or f"{cfg.exp_name}-{self.output_dir.name}",
+                                            resume_run_id=self.run_id, tags=tags)
+        self.tracker.set_tags({"output_dir": str(self.output_dir.resolve()), "status_detail": "running"})
+        self.tracker.log_params(flatten(cfg))
+        self.tracker.log_dataset(self.dataset)
+        config_path = self.output_dir / "config.yaml"
+        config_path.write_text(to_yaml(cfg))
+        self.tracker.log_artifact(config_path)
+        t = cfg.train
+        log.info("run folder %s; %s iterations %d..%d, batch %d, %d^2 patches, %d samples/ray%s",
+                 self.output_dir, "resuming" if cfg.resume else "training", self.start_iter, t.max_iters,
+                 t.batch_size, cfg.model.patch.side, cfg.model.render.samples_per_ray,
+                 f", time budget {t.time_budget_s:.0f} s" if t.time_budget_s else "")
+        if self.tracker.run_id:
+            log.info("MLflow run %s%s", self.tracker.run_id, f": {self.tracker.url}" if self.tracker.url else "")
+
+    def loop(self, stop: StopRequest) -> None:
+        cfg, t, mem = self.cfg, self.cfg.train, self.cfg.memory
+        progress = self.progress_bar()
+        clock_start = time.perf_counter() - self.train_clock
+        try:
+            for iteration in range(self.start_iter, t.max_iters):
+                self.train_clock = time.perf_counter() - clock_start
+                if t.time_budget_s and self.train_clock >= t.time_budget_s:
+                    self.stopped_by_budget = True
+                    break
+                self.iteration = iteration
+                with self.stats.timer("timing/data_s"):
+                    batch = self.next_batch(iteration)
+                track = mem.track_peak_every > 0 and (iteration - self.start_iter < 2
+                                                       or iteration % mem.track_peak_every == 0)
+                live_state = self.step.modules_and_optimizers() + (batch.images, batch.labels)
+                start = time.perf_counter()
+                with self.memory.phase("d_step", track_live=track, state=live_state):
+                    self.stats.report_all(self.step.d_step(batch, iteration))
+                with self.memory.phase("g_step", track_live=track, state=live_state):
+                    self.stats.report_all(self.step.g_step(batch, iteration))
+                seconds = time.perf_counter() - start
+                self.stats.report("timing/step_s", seconds)
+                if not track:  # the live-tensor tracker slows the iterations it measures
+                    self.stats.report("timing/untracked_step_s", seconds)
+                    self.timed["iterations"] += 1
+                    self.timed["seconds"] += seconds
+                self.iteration = done = iteration + 1
+                if progress is not None:
+                    progress.update(1)
+                with self.stats.timer("timing/maintenance_s"):
+                    self.maintenance(done, clock_start)
+                if stop.requested:
+                    raise KeyboardInterrupt
+            self.train_clock = time.perf_counter() - clock_start
         finally:
             if progress is not None:
                 progress.close()
-            if is_main:
-                summary = _summary(cfg, state, memory, timing, tracker, output_dir, device, best,
-                                   status, reason, message, rays_per_iter, points_per_ray)
-                path = write_summary(output_dir, summary)
-                try:
-                    tracker.set_tags({"status_detail": reason or "finished", "failure_reason": reason or ""})
-                    # run-level figures as the last value of each metric (perf: the run's average)
-                    tracker.log_metrics({**memory.summary(), **summary["perf"]}, step=state["iteration"])
-                    tracker.log_artifact(path)
-                finally:
-                    tracker.end(status)
-    return RunResult(status, reason, exit_code, summary if is_main else {})
+
+    def maintenance(self, done: int, clock_start: float) -> None:
+        """What happens between iterations on their cadences."""
+        if not self.is_main:
+            return
+        t = self.cfg.train
+        if t.log_every and done % t.log_every == 0:
+            self.log_window(done)
+        if t.sample_every and done % t.sample_every == 0:
+            self.write_samples(done)
+        if t.eval_every and done % t.eval_every == 0:
+            self.run_eval(done)
+        if t.ckpt_every and done % t.ckpt_every == 0:
+            self.save(CHECKPOINT_NAME)
+            self.release_cache()
+        if self.cfg.memory.empty_cache_every and done % self.cfg.memory.empty_cache_every == 0:
+            self.release_cache()
+        while self.snapshot_times and time.perf_counter() - clock_start >= self.snapshot_times[0]:
+            # saving a snapshot is not training: the clock skips it
+            saved_at = time.perf_counter()
+            index = len(t.snapshot_fractions) - len(self.snapshot_times)
+            self.snapshot_times.pop(0)
+            self.train_clock = saved_at - clock_start
+            self.save(f"{SNAPSHOT_DIR}/{index}.pt")
+            log.info("snapshot %d at %.1f s of training (iteration %d)", index, self.train_clock, done)
+            clock_start += time.perf_counter() - saved_at
+
+    def finish(self) -> None:
+        """After the last iteration: the last window, samples, evaluation and checkpoint."""
+        if not self.is_main:
+            return
+        t, done = self.cfg.train, self.iteration
+        if self.stats.count("timing/step_s"):
+            self.log_window(done)
+        if not (t.sample_every and done % t.sample_every == 0):
+            self.write_samples(done)
+        if self.cfg.eval.at_end and not (t.eval_every and done % t.eval_every == 0):
+            self.run_eval(done)
+        self.save(CHECKPOINT_NAME)
+        if self.stopped_by_budget:
+            self.message = f"time budget of {t.time_budget_s:g} s reached at iteration {done}"
+
+    def fail(self, status: str, reason: str, exit_code: int, message: str) -> None:
+        self.status, self.reason, self.exit_code, self.message = status, reason, exit_code, message
+
+    def close(self) -> None:
+        """Write ``metrics.json`` and end the tracking run with the run's status (every path)."""
+        if not self.is_main:
+            return
+        level = logging.INFO if self.status == "FINISHED" else logging.ERROR
+        log.log(level, "%s%s at iteration %d", self.status, f" ({self.reason}: {self.message})" if self.reason else
+                (f" ({self.message})" if self.message else ""), self.iteration)
+        if not self.opened:  # stopped before the run was opened: nothing to record
+            return
+        self.summary = self.make_summary()
+        path = write_summary(self.output_dir, self.summary)
+        try:
+            self.tracker.set_tags({"status_detail": self.reason or "finished", "failure_reason": self.reason or ""})
+            # run-level figures as the last value of each metric (perf: the run's average)
+            self.tracker.log_metrics({**self.memory.summary(), **self.summary["perf"]}, step=self.iteration)
+            self.tracker.log_artifact(path)
+        finally:
+            self.tracker.end(self.status)
+
+    # ------------------------------------------------------------------ steps of the loop
+
+    def next_batch(self, iteration: int) -> Batch:
+        item = next(self.loader)
+        non_blocking = self.cfg.memory.non_blocking
+        images = item["image"].to(self.device, non_blocking=non_blocking)
+        if self.fault is not None:
+            images = self.fault.before_iteration(iteration, images)
+        return Batch(images, item["label"].to(self.device, non_blocking=non_blocking))
+
+    def log_window(self, done: int) -> None:
+        window = self.stats.collect()
+        untracked = window.pop("timing/untracked_step_s", None)
+        losses = {k: v for k, v in window.items() if k.startswith(("loss/", "d/"))}
+        self.losses = losses
+        metrics = dict(window)
+        if untracked:
+            metrics.update(throughput(1, untracked, self.rays_per_iteration, self.points_per_ray))
+        metrics.update(self.memory.pop_window())
+        metrics["mem/process_peak_rss_mb"] = process_peak_rss_mb()
+        metrics["train/lr_g"] = self.step.opt_g.param_groups[0]["lr"]
+        metrics["train/global_batch"] = self.cfg.train.batch_size
+        self.tracker.log_metrics(metrics, step=done)
+        peak = metrics.get("mem/peak_allocated_mb", metrics.get("mem/peak_live_tensors_mb"))
+        log.info("it %d/%d  d %s  g %s  r1 %s  logit gap %s  %s it/s%s", done, self.cfg.train.max_iters,
+                 fmt(losses.get("loss/d")), fmt(losses.get("loss/g")), fmt(losses.get("loss/r1")),
+                 fmt(_gap(losses)), fmt(metrics.get("perf/it_per_s")),
+                 f"  peak {peak:.0f} MiB" if peak is not None else "")
+
+    def write_samples(self, done: int) -> None:
+        track = self.cfg.memory.track_peak_every > 0  # rare: measured whenever tracking is on
+        with self.memory.phase("sample", track_live=track, state=self.step.modules_and_optimizers()):
+            images = sample_grid(self.step.sampling_generator, self.cfg, self.dataset.num_classes, self.sample_z,
+                                 self.device)
+        path = save_sample_grid(images, self.output_dir / "samples" / f"{done:07d}.png", self.cfg,
+                                self.dataset.class_names)
+        self.tracker.log_image(path, key="samples", step=done)
+        self.release_cache()
+
+    def run_eval(self, done: int) -> None:
+        from grafccsr.metrics import evaluate_generator  # torch-fidelity: imported when first needed
+
+        cfg = self.cfg
+        track = cfg.memory.track_peak_every > 0
+        with self.memory.phase("eval", track_live=track, state=self.step.modules_and_optimizers()):
+            result = evaluate_generator(self.step.sampling_generator, self.dataset, cfg, self.device, seed=cfg.train.seed)
+        self.evaluation = keyed(result)
+        names = ("fid", "kid_mean", "kid_std")
+        self.tracker.log_metrics({f"eval/{metric_key(n, cfg.eval.extractor)}": result[n] for n in names}, step=done)
+        value = result[cfg.eval.best_metric]
+        log.info("eval at iteration %d (%s, %d samples): %s %.4g, %s %.4g", done, cfg.eval.extractor,
+                 result["num_samples"], metric_key("fid", cfg.eval.extractor), result["fid"],
+                 metric_key("kid_mean", cfg.eval.extractor), result["kid_mean"])
+        if value < self.best["value"]:
+            self.best.update(value=value, iteration=done, metric=metric_key(cfg.eval.best_metric, cfg.eval.extractor))
+            self.save(BEST_NAME)
+        self.release_cache()
+
+    def save(self, name: str) -> Path:
+        path = save_checkpoint({
+            "config": to_dict(self.cfg),
+            "iteration": self.iteration,
+            "train_seconds": self.train_clock,
+            "step": self.step.state_dict(),
+            "rng": rng_state(),
+            "mlflow_run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri,
+            "num_classes": self.dataset.num_classes,
+            "class_names": self.dataset.class_names,
+            "best": self.best,
+        }, self.output_dir / name)
+        if name == CHECKPOINT_NAME or name == BEST_NAME:
+            log.info("checkpoint %s (iteration %d)", path, self.iteration)
+            if self.cfg.tracking.log_checkpoints:
+                self.tracker.log_checkpoint(path, self.iteration)
+        return path
+
+    def release_cache(self) -> None:
+        if self.cfg.memory.empty_cache_every:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def progress_bar(self):
+        if not (self.is_main and self.cfg.train.progress):
+            return None
+        from tqdm import tqdm
+
+        # disable=None: only on a terminal; log files get the per-window lines instead
+        return tqdm(total=self.cfg.train.max_iters, initial=self.start_iter, desc=self.cfg.exp_name, unit="it",
+                    dynamic_ncols=True, disable=None)
+
+    def make_summary(self) -> Dict[str, Any]:
+        cfg, device = self.cfg, self.device
+        peaks = self.memory.summary()
+        is_cuda = device.type == "cuda"
+        peak_key = "mem/train_peak_reserved_mb" if is_cuda else "mem/train_peak_live_tensors_mb"
+        evaluation = dict(self.evaluation)
+        if self.best.get("iteration") is not None:
+            evaluation.update(best_value=self.best["value"], best_iteration=self.best["iteration"],
+                              best_metric=self.best.get("metric"))
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "iteration": self.iteration,
+            "max_iters": cfg.train.max_iters,
+            "train_seconds": self.train_clock,
+            "exp_name": cfg.exp_name,
+            "mlflow_run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri,
+            "mlflow_url": self.tracker.url,
+            "device": device_name(device),
+            "memory": peaks,
+            "peak_memory_mb": peaks.get(peak_key),
+            "peak_memory_measure": "cuda_peak_reserved" if is_cuda else "peak_live_tensors",
+            "peak_memory_scope": "training step (d_step, g_step); see memory for sample/eval",
+            "process_peak_rss_mb": process_peak_rss_mb(),
+            "perf": throughput(self.timed["iterations"], self.timed["seconds"], self.rays_per_iteration,
+                               self.points_per_ray),
+            "losses": self.losses,
+            "eval": evaluation,
+            "fid_extractor": cfg.eval.extractor,
+            "output_dir": str(self.output_dir.resolve()),
+            "checkpoint": str(self.output_dir.resolve() / CHECKPOINT_NAME),
+        }
 
 
-def _next_batch(data_iter, device: torch.device, non_blocking: bool):
-    item = next(data_iter)
-    return (item["image"].to(device, non_blocking=non_blocking),
-            item["label"].to(device, non_blocking=non_blocking))
+def _gap(losses: Dict[str, float]) -> Optional[float]:
+    """Mean real logit minus mean fake logit: how well D tells them apart."""
+    if "d/real_logit" in losses and "d/fake_logit" in losses:
+        return losses["d/real_logit"] - losses["d/fake_logit"]
+    return None
 
 
-def sample_grid(generator, cfg: Config, dataset, z: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One row per class, ``num_sample_views`` azimuths at the first elevation, a fixed z per view."""
-    views = z.shape[0]
-    classes = dataset.num_classes
-    u = torch.arange(views, dtype=torch.float32) / views
-    u = u.repeat(classes)
-    v = torch.full_like(u, cfg.data.elevation_v[0])
-    class_idx = torch.arange(classes).repeat_interleave(views)
-    z_all = z[:1].expand(classes * views, -1)  # same object, rotating: shows 3D consistency
-    was_training = generator.training
-    generator.eval()
-    try:
-        return render_views(
-            generator, z_all.to(device), class_idx.to(device), u.to(device), v.to(device),
-            radius=cfg.data.camera.radius, image_size=cfg.data.image_size,
-            ccsr_mode=cfg.model.ccsr.mode, ccsr_scale=cfg.model.ccsr.scale,
-            batch_size=cfg.eval.batch_size, render_chunk=cfg.memory.render_chunk,
-            no_grad_segment_points=cfg.memory.no_grad_segment_points,
-            to_cpu=cfg.memory.eval_to_cpu,
-        )
-    finally:
-        generator.train(was_training)
-
-
-def _git_tags() -> Dict[str, str]:
-    import subprocess
-
-    from grafccsr.config import PROJECT_ROOT
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git_commit": commit or "none", "git_dirty": str(bool(dirty)).lower()}
-
-
-def _summary(cfg, state, memory, timing, tracker, output_dir, device, best, status, reason, message,
-             rays_per_iter, points_per_ray) -> Dict[str, Any]:
-    peaks = memory.summary()
-    is_cuda = device.type == "cuda"
-    peak_key = "mem/train_peak_reserved_mb" if is_cuda else "mem/train_peak_live_tensors_mb"
-    it_per_s = timing["iterations"] / timing["seconds"] if timing["seconds"] > 0 else None
-    evaluation = dict(state["eval"])
-    if best.get("iteration") is not None:
-        evaluation.update(best_value=best["value"], best_iteration=best["iteration"], best_metric=best.get("metric"))
-    return {
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "iteration": state["iteration"],
-        "max_iters": cfg.train.max_iters,
-        "exp_name": cfg.exp_name,
-        "mlflow_run_id": tracker.run_id,
-        "tracking_uri": getattr(tracker, "uri", None),
-        "device": device_name(device),
-        "memory": peaks,
-        "peak_memory_mb": peaks.get(peak_key),
-        "peak_memory_measure": "cuda_peak_reserved" if is_cuda else "peak_live_tensors",
-        "peak_memory_scope": "training step (d_step, g_step); see memory for sample/eval",
-        "process_peak_rss_mb": process_peak_rss_mb(),
-        "perf": {} if it_per_s is None else {
-            "perf/it_per_s": it_per_s,
-            "perf/rays_per_s": it_per_s * rays_per_iter,
-            "perf/points_per_s": it_per_s * rays_per_iter * points_per_ray,
-        },
-        "losses": state["losses"],
-        "eval": evaluation,
-        "fid_extractor": cfg.eval.extractor,
-        "output_dir": str(Path(output_dir).resolve()),
-        "checkpoint": str(Path(output_dir).resolve() / CHECKPOINT_NAME),
-    }
+__all__: List[str] = ["StopRequest", "Trainer", "train"]

@@ -25,16 +25,21 @@ def g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
-    """R1: E_batch ||d D(x) / d x||^2 on real images, always in FP32.
+    """R1 in GRAF's units: the squared gradient of D's logits with respect to the real
+    images, summed over channels and averaged over images AND pixels, in FP32.
 
-    real_logits (B,) from ``real_images`` (B, ...) which must require grad. The
-    gradient graph is kept (``create_graph``) so the penalty trains D. The caller
-    multiplies by gamma / 2 (and by the lazy interval when applied every k steps).
+    This is GAN_stability's ``compute_grad2(d_real, x).mean()`` on GRAF's discriminator input
+    (the patch as B*N pixel rows of 3 values), so ``gamma * r1_penalty`` is the penalty GRAF
+    and graf_ccsr apply with the same gamma (per image: gamma / N times the squared norm).
+
+    real_logits (B,) from ``real_images`` (B, C, H, W), which must require grad. The gradient
+    graph is kept (``create_graph``) so the penalty trains D.
     """
     # the logits are summed in float32 so that a bf16/fp16 D under autocast does not
     # make the penalty (a sum of many squared small gradients) lose precision
     (grad,) = autograd.grad(real_logits.float().sum(), real_images, create_graph=True)
-    return grad.float().pow(2).flatten(1).sum(dim=1).mean()
+    batch, _, height, width = real_images.shape
+    return grad.float().pow(2).sum() / (batch * height * width)
 
 
 class MultiTaskCrossEntropy(nn.Module):

@@ -17,9 +17,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from grafccsr.camera import pose_matrix
 from grafccsr.config import Config, ConfigError
 from grafccsr.models.ccsr import consistency_weight
+from grafccsr.models.render import RenderSettings
 from grafccsr.models.poses import poses_from_labels, sample_random_poses
 from grafccsr.models.rays import PatchSampler, sample_patches, upsample_grid
 from grafccsr.training.amp import AmpPolicy, amp_policy
@@ -92,6 +92,7 @@ class GanStep:
         self.scaler_g = self.policy.make_scaler()
         self.scaler_d = self.policy.make_scaler()
         self.patch_sampler = PatchSampler(cfg.model.patch)
+        self.render_settings = RenderSettings.from_config(cfg)
         self.rng = torch.Generator(device=device)
         self.rng.manual_seed(cfg.train.seed)
         self.aux_loss: Optional[MultiTaskCrossEntropy] = None
@@ -149,24 +150,18 @@ class GanStep:
 
         Returns ``rgb`` (B,3,P,P), ``sr`` (B,3,sP,sP) when CCSR runs, and ``d_input`` (what D sees).
         """
-        g, mem, policy = self.generator, self.cfg.memory, self.policy
-        c2w = pose_matrix(inputs["u"], inputs["v"], self.cfg.data.camera.radius)
+        g, policy = self.generator, self.policy
         with policy.autocast(policy.render):
-            out = g.render(
-                inputs["z"], inputs["labels"][:, 0], c2w, inputs["grid"], iteration,
-                perturb=self.cfg.model.render.perturb,
-                render_chunk=mem.render_chunk,
-                grad_checkpoint=mem.grad_checkpoint,
-                checkpoint_segment_points=mem.checkpoint_segment_points,
-                no_grad_segment_points=mem.no_grad_segment_points,
-                generator=self.rng,
-            )
+            out = g.render(inputs["z"], inputs["labels"][:, 0], inputs["u"], inputs["v"], inputs["grid"],
+                           self.render_settings, iteration=iteration, rng=self.rng)
         fakes = {"rgb": out["rgb"], "d_input": out["rgb"]}
         if self.ccsr_mode != "off":
             with policy.autocast(policy.sr):
-                fakes["sr"] = g.super_resolve(out["rgb"], inputs["u"], inputs["hr_grid"], no_grad=mem.ccsr_no_grad)
+                fakes["sr"] = g.super_resolve(out["rgb"], inputs["u"], inputs["hr_grid"],
+                                              no_grad=self.cfg.memory.ccsr_no_grad)
             if self.ccsr_mode == "discriminator":
-                fakes["d_input"] = fakes["sr"]
+                # the reals lie in [-1, 1]; the original clamped the SR output before D too
+                fakes["d_input"] = fakes["sr"].clamp(-1.0, 1.0)
         return fakes
 
     @staticmethod
@@ -199,8 +194,6 @@ class GanStep:
 
     def d_step(self, batch: Batch, iteration: int, check_finite: bool = True) -> Dict[str, torch.Tensor]:
         cfg, mem, policy, d = self.cfg, self.cfg.memory, self.policy, self.discriminator
-        if iteration == cfg.train.inject_oom_at:
-            raise torch.OutOfMemoryError(f"injected out-of-memory at iteration {iteration} (train.inject_oom_at)")
         accum = cfg.train.grad_accum_steps
         r1_now = cfg.train.r1_gamma > 0 and iteration % cfg.train.r1_every == 0
         self.opt_d.zero_grad(set_to_none=mem.set_to_none)
@@ -231,10 +224,8 @@ class GanStep:
                 sums["loss/aux_d"] += aux.detach() / accum
             if r1_now:
                 r1 = r1_penalty(real_logits, real)
-                total = total + 0.5 * cfg.train.r1_gamma * cfg.train.r1_every * r1
+                total = total + cfg.train.r1_gamma * cfg.train.r1_every * r1
                 sums["loss/r1"] += r1.detach() / accum
-            if iteration == cfg.train.inject_nan_at:
-                total = total * float("nan")
             sums["loss/d"] += total.detach() / accum
             sums["d/real_logit"] += real_logits.detach().float().mean() / accum
             sums["d/fake_logit"] += fake_logits.detach().float().mean() / accum
@@ -310,6 +301,10 @@ class GanStep:
         }
 
     def load_state_dict(self, state: Dict) -> None:
+        """Restore :meth:`state_dict`. Models whose shapes differ from the checkpoint's (a
+        config that changes the architecture) raise ConfigError naming the first mismatch."""
+        for name, module in (("generator", self.generator), ("discriminator", self.discriminator)):
+            _check_fits(name, module, state[name])
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         if self.generator_ema is not None and state.get("generator_ema") is not None:
@@ -321,3 +316,15 @@ class GanStep:
         self.scaler_g.load_state_dict(state["scaler_g"])
         self.scaler_d.load_state_dict(state["scaler_d"])
         self.rng.set_state(state["step_rng"])
+
+
+def _check_fits(name: str, module: nn.Module, stored: Dict[str, torch.Tensor]) -> None:
+    own = module.state_dict()
+    for key in sorted(set(own) | set(stored)):
+        if key not in stored or key not in own:
+            where = "this config" if key not in stored else "the checkpoint"
+            raise ConfigError(f"{name}.{key} exists only in {where}: the config builds another architecture "
+                              "than the checkpoint's")
+        if own[key].shape != stored[key].shape:
+            raise ConfigError(f"{name}.{key} has shape {tuple(stored[key].shape)} in the checkpoint but "
+                              f"{tuple(own[key].shape)} with this config: an override changes the model's shape")

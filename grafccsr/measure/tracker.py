@@ -162,9 +162,3 @@ def _run_maxima(peaks: Dict[str, float]) -> Dict[str, float]:
             out[f"mem/train_{measure}"] = max(training)
     return out
 
-
-def process_peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,12 +1,12 @@
 """The largest batch size (and optionally samples per ray) that fits a memory budget.
 
-CPU path: the fake-tensor estimator (:mod:`grafccsr.memory.estimate`) prices each
+CPU path: the fake-tensor estimator (:mod:`grafccsr.sizing.estimate`) prices each
 candidate in seconds; the search brackets the answer and alternates linear
 interpolation (memory is close to linear in the batch) with bisection, so it
 needs a handful of estimates. Batch sizes stay multiples of
 ``train.grad_accum_steps``.
 
-GPU path (untested here: written without a GPU): the estimator's answer is then
+GPU path (covered by the ``gpu`` tests, which have not yet run on a GPU): the estimator's answer is then
 confirmed by real training iterations on the device, searched the same way; an
 out-of-memory error counts as "does not fit" (the models are freed,
 ``torch.cuda.empty_cache()`` runs, and the search goes lower), and a trial fits
@@ -22,8 +22,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from grafccsr.config import Config, load_config
-from grafccsr.memory.estimate import MB, default_num_classes, estimate, synthetic_batch, with_fields
+from grafccsr.config import Config, load_config, replace
+from grafccsr.measure import MB
+from grafccsr.sizing.estimate import estimate
+from grafccsr.sizing.synthetic import default_num_classes, synthetic_run
 
 
 @dataclass
@@ -115,31 +117,22 @@ def estimated_mb(cfg: Config, num_classes: int, measure: str, phases: str) -> fl
 
 
 def measured_cuda_mb(cfg: Config, num_classes: int, device: torch.device, iterations: int = 2) -> float:
-    """Peak ``max_memory_reserved`` (MiB) of real iterations on ``device``; inf on OOM.
-    UNTESTED here (no GPU)."""
-    from grafccsr.models import build_models
-    from grafccsr.training.step import GanStep
-
-    objects: List = []
+    """Peak ``max_memory_reserved`` (MiB) of real iterations on ``device``; inf on OOM."""
+    step = batch = None
     try:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        g, d = build_models(cfg, num_classes)
-        objects += [g.to(device), d.to(device)]
-        step = GanStep(cfg, g, d, device)
-        objects.append(step)
-        batch = synthetic_batch(cfg, num_classes, device)
-        objects.append(batch)
+        step, batch = synthetic_run(cfg, num_classes, device)
         for it in range(iterations):
             step.d_step(batch, it, check_finite=False)
             step.g_step(batch, it, check_finite=False)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_reserved(device) / MB
     except torch.OutOfMemoryError:
-        return math.inf
+        return math.inf  # leaving the except block drops the traceback and the frames that held tensors
     finally:
-        objects.clear()
+        step = batch = None
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -222,10 +215,10 @@ def find_max_batch(overrides: Sequence[str], budget_mb: float, *, measure: str =
                                                 if search_samples else [cfg.model.render.samples_per_ray])
     previous: Optional[int] = None
     for s in candidates:
-        base = with_fields(cfg, {"model.render.samples_per_ray": s})
+        base = replace(cfg, {"model.render.samples_per_ray": s})
 
         def at_batch(b: int, base=base) -> float:
-            value = estimated_mb(with_fields(base, {"train.batch_size": b}), classes, measure, phases)
+            value = estimated_mb(replace(base, {"train.batch_size": b}), classes, measure, phases)
             log(f"  estimate: samples/ray {s:>4}  batch {b:>5}  {value:10.1f} MiB")
             return value
 
@@ -248,7 +241,7 @@ def find_max_batch(overrides: Sequence[str], budget_mb: float, *, measure: str =
 
 def _confirm_on_cuda(cfg: Config, classes: int, device: torch.device, budget_mb: float, accum: int, cap: int,
                      start: int, log) -> BatchChoice:
-    """Binary search with real iterations around the estimator's answer. UNTESTED here."""
+    """Binary search with real iterations around the estimator's answer."""
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     total_mb = torch.cuda.get_device_properties(device).total_memory / MB
@@ -256,7 +249,7 @@ def _confirm_on_cuda(cfg: Config, classes: int, device: torch.device, budget_mb:
         log(f"  note: budget {budget_mb:.0f} MiB exceeds the device's {total_mb:.0f} MiB")
 
     def real(b: int) -> float:
-        value = measured_cuda_mb(with_fields(cfg, {"train.batch_size": b}), classes, device)
+        value = measured_cuda_mb(replace(cfg, {"train.batch_size": b}), classes, device)
         log(f"  cuda:     samples/ray {cfg.model.render.samples_per_ray:>4}  batch {b:>5}  {value:10.1f} MiB reserved")
         return value
 

@@ -16,7 +16,7 @@ sees every tensor an operator returns and counts its storage once while it is
 alive, rounded up to 512 bytes like CUDA's caching allocator rounds every block.
 Tensors alive at the start of a phase (parameters, EMA copy, buffers, gradients,
 optimiser state, the batch) are registered first. It is the same counting as the
-real measurement (:class:`grafccsr.memory.tracker.LiveTensorBytes`), so the
+real measurement (:class:`grafccsr.measure.tracker.LiveTensorBytes`), so the
 estimate can be validated exactly against a real CPU step, and it adds a
 breakdown: whenever a new peak is followed by a free, the live set at that peak
 is split into categories (parameters, EMA copy, buffers, gradients, optimiser
@@ -67,16 +67,15 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from grafccsr.config import Config, load_config
-from grafccsr.memory.tracker import LiveTensorBytes, _rounded, state_tensors
-
-MB = 1024.0 * 1024.0
+from grafccsr.config import Config, load_config, replace
+from grafccsr.measure.tracker import MB, TRAINING_PHASES, LiveTensorBytes, _rounded, state_tensors
+from grafccsr.models import RenderSettings, build_models, render_views
+from grafccsr.sizing.synthetic import default_num_classes, synthetic_batch
+from grafccsr.training.build import build_run
 
 CATEGORIES = ("parameters", "ema", "buffers", "gradients", "optimizer", "batch", "activations")
 """Breakdown of a peak. ``activations`` = everything created during the phase that is
 not a gradient or optimiser state: saved activations, temporaries, rendered patches."""
-
-TRAIN_PHASES = ("d_step", "g_step")
 
 
 # --------------------------------------------------------------------------- CUDA model
@@ -249,7 +248,7 @@ class Estimate:
     @property
     def train_phase(self) -> PhaseEstimate:
         """The phase (and iteration) with the highest training peak."""
-        return self._peak(TRAIN_PHASES)
+        return self._peak(TRAINING_PHASES)
 
     @property
     def live_tensor_peak_mb(self) -> float:
@@ -361,46 +360,6 @@ class Estimate:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def default_num_classes(cfg: Config) -> int:
-    """Classes of the data: the synthetic set's count (folders need an explicit value)."""
-    if cfg.data.kind != "synthetic":
-        raise ValueError("data.kind=folder: pass num_classes (the number of class folders) explicitly")
-    return cfg.data.synthetic.num_classes
-
-
-def synthetic_batch(cfg: Config, num_classes: int, device: torch.device | str = "cpu",
-                    generator: Optional[torch.Generator] = None):
-    """A batch of the right shapes and valid labels (no dataset needed): images in
-    [-1, 1] (B, 3, S, S), labels (B, 3) = (class, elevation index, azimuth degrees)."""
-    from grafccsr.training.step import Batch
-
-    b, s = cfg.train.batch_size, cfg.data.image_size
-    images = torch.rand(b, 3, s, s, generator=generator, device=device) * 2.0 - 1.0
-    idx = torch.arange(b, device=device)
-    step_deg = 360 // cfg.data.synthetic.num_azimuths
-    labels = torch.stack(
-        (idx % num_classes, idx % len(cfg.data.elevation_v), (idx * 7 * step_deg) % 360), dim=1
-    ).long()
-    return Batch(images, labels)
-
-
-def synthetic_step(cfg: Config, num_classes: int, device: torch.device | str = "cpu", seed: Optional[int] = None):
-    """Real models, their :class:`GanStep` and a :func:`synthetic_batch` on ``device``:
-    what the measuring tools run instead of the training loop. ``seed`` (if given)
-    seeds the models' initialisation. Returns (step, batch)."""
-    from grafccsr.models import build_models
-    from grafccsr.training.step import GanStep
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    generator, discriminator = build_models(cfg, num_classes)
-    step = GanStep(cfg, generator.to(device), discriminator.to(device), torch.device(device))
-    return step, synthetic_batch(cfg, num_classes, device)
-
-
 # --------------------------------------------------------------------------- estimate
 
 
@@ -415,15 +374,13 @@ def estimate(cfg: Config, num_classes: Optional[int] = None, *, iterations: int 
     """
     from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
-    from grafccsr.models import build_models
-    from grafccsr.training.step import GanStep
-
     t0 = time.perf_counter()
     num_classes = num_classes or default_num_classes(cfg)
     device = torch.device("cpu")
     notes = []
     if cfg.train.compile:
         notes.append("train.compile=true is ignored: the estimate is for eager execution")
+        cfg = replace(cfg, {"train.compile": False})
     if cfg.train.amp.policy != "off":
         notes.append("autocast follows CPU cast lists under the fake run (CUDA's differ slightly, see module docs)")
 
@@ -437,7 +394,7 @@ def estimate(cfg: Config, num_classes: Optional[int] = None, *, iterations: int 
             generator, discriminator = copy.deepcopy(real_g), copy.deepcopy(real_d)
         del real_g, real_d
         with fake_mode, FakeCopyMode(fake_mode):  # GanStep deep-copies G for the EMA
-            step = GanStep(cfg, generator, discriminator, device)
+            step = build_run(cfg, num_classes, device, models=(generator, discriminator))
 
     phases: List[PhaseEstimate] = []
     with fake_mode:
@@ -482,8 +439,6 @@ def _render_jobs(cfg: Config, num_classes: int) -> List[tuple]:
 
 def _render(generator, cfg: Config, count: int, size: int, num_classes: int) -> None:
     """One render batch as the sample grid / evaluation does it (no_grad, FP32)."""
-    from grafccsr.models.views import render_views
-
     was_training = generator.training
     generator.eval()
     try:
@@ -491,10 +446,8 @@ def _render(generator, cfg: Config, count: int, size: int, num_classes: int) -> 
         class_idx = torch.arange(count) % num_classes
         u = torch.arange(count, dtype=torch.float32) / max(count, 1)
         v = torch.full((count,), cfg.data.elevation_v[0])
-        render_views(generator, z, class_idx, u, v, radius=cfg.data.camera.radius, image_size=size,
-                     ccsr_mode=cfg.model.ccsr.mode, ccsr_scale=cfg.model.ccsr.scale, batch_size=count,
-                     render_chunk=cfg.memory.render_chunk, to_cpu=cfg.memory.eval_to_cpu,
-                     no_grad_segment_points=cfg.memory.no_grad_segment_points)
+        render_views(generator, RenderSettings.from_config(cfg), z, class_idx, u, v, image_size=size,
+                     batch_size=count, to_cpu=cfg.memory.eval_to_cpu)
     finally:
         generator.train(was_training)
 
@@ -529,21 +482,7 @@ def estimate_peak_mb(overrides: List[str], *, measure: str = "auto", phases: str
     return est.value(measure, phases)
 
 
-def with_fields(cfg: Config, fields: Dict[str, object]) -> Config:
-    """A validated copy of ``cfg`` with dotted fields replaced, e.g. ``{"train.batch_size": 4}``."""
-    from grafccsr.config import validate
-
-    cfg = copy.deepcopy(cfg)
-    for dotted, value in fields.items():
-        *path, last = dotted.split(".")
-        node = cfg
-        for part in path:
-            node = getattr(node, part)
-        setattr(node, last, value)
-    return validate(cfg)
-
-
 __all__ = [
     "CATEGORIES", "CategorizedLiveBytes", "CudaOverhead", "Estimate", "PhaseEstimate", "estimate",
-    "estimate_overrides", "estimate_peak_mb", "synthetic_batch", "with_fields", "default_num_classes",
+    "estimate_overrides", "estimate_peak_mb",
 ]

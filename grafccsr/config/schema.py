@@ -1,0 +1,544 @@
+"""The typed configuration: one dataclass per section, every default in exactly one place.
+
+The defaults here ARE the default job (``python -m grafccsr.train``: the CPU-sized model on
+the embedded data). The group files under ``conf/`` hold only what differs from them
+(``model=graf`` lists GRAF's sizes), and presets under ``conf/exp/`` only what they change;
+a test composes ``conf/`` and checks it equals ``Config()``.
+
+Choices are ``Literal`` types; numeric bounds are declared with :func:`bounded`; checks that
+span several fields are each section's ``check`` method. Every constant the original
+graf_ccsr hard-coded is a named field. Where GRAF or graf_ccsr used another value, the
+docstring says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import Any, Dict, List, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and what is allowed."""
+
+
+def bounded(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None,
+            le: Optional[float] = None, lt: Optional[float] = None) -> Any:
+    """A dataclass field with numeric bounds, checked by :func:`grafccsr.config.validate`."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return dc_field(default=default, metadata={"bounds": bounds})
+
+
+def _list(*values: Any) -> Any:
+    return dc_field(default_factory=lambda: list(values))
+
+
+# --------------------------------------------------------------------------- camera
+
+
+@dataclass
+class CameraConfig:
+    """Pinhole camera on a sphere looking at the origin (GRAF conventions, z up).
+
+    Shared by the dataset renderer and the generator: both must see through the same camera.
+    """
+
+    fov_deg: float = bounded(20.0, gt=0, lt=180)
+    """Full field of view in degrees; focal = (W/2) / tan(fov/2)."""
+    radius: float = bounded(2.5, gt=0)
+    """Distance of the camera from the origin."""
+    near: float = bounded(1.5, ge=0)
+    """Near bound of the rendered ray segment (depth along the optical axis)."""
+    far: float = bounded(4.5, gt=0)
+    """Far bound of the rendered ray segment."""
+
+    def check(self, root: "Config") -> None:
+        if self.near >= self.far:
+            raise ConfigError(f"camera.near={self.near} must be < camera.far={self.far}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded, procedurally rendered multi-view dataset."""
+
+    num_classes: int = bounded(2, ge=1)
+    """Number of object classes (specimens); each has its own shape and colours."""
+    num_azimuths: int = bounded(72, ge=1)
+    """Azimuth steps over 360 degrees (72 = 5 degree steps; the original used 360)."""
+    seed: int = 0
+    """Seed of the procedural textures; the same seed gives the same bytes."""
+    supersample: int = bounded(2, ge=1)
+    """Rays per pixel side when rendering the set (anti-aliasing)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the multi-view images come from and how their poses are read."""
+
+    kind: Literal["synthetic", "folder"] = "synthetic"
+    """``synthetic`` (embedded, generated on first use) or ``folder`` (real data)."""
+    root: Optional[str] = None
+    """Dataset folder. ``folder``: required. ``synthetic``: cache folder (default
+    ``<project>/data/synthetic-<fingerprint>``)."""
+    image_size: int = bounded(64, ge=1)
+    """Side of the (square) images in pixels (graf_ccsr: 256)."""
+    resize: Literal["error", "resize"] = "error"
+    """What to do with images of another size: ``error`` or ``resize`` (bilinear)."""
+    elevation_prefixes: List[str] = _list("0", "0.5", "1", "1.5")
+    """File-name prefixes of the elevation levels, index i maps to ``elevation_v[i]``."""
+    elevation_v: List[float] = _list(0.5, 0.4, 0.3, 0.2)
+    """``v`` of each elevation level; polar angle theta = arccos(1 - 2 v)."""
+    synthetic: SyntheticConfig = dc_field(default_factory=SyntheticConfig)
+
+    def check(self, root: "Config") -> None:
+        if self.kind == "folder" and not self.root:
+            raise ConfigError("data.root must name the dataset folder when data.kind=folder")
+        if len(self.elevation_prefixes) != len(self.elevation_v):
+            raise ConfigError(
+                f"data.elevation_prefixes has {len(self.elevation_prefixes)} entries but "
+                f"data.elevation_v has {len(self.elevation_v)}; they must pair up"
+            )
+        for i, v in enumerate(self.elevation_v):
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"data.elevation_v[{i}]={v} must lie in [0, 1]")
+        if 360 % self.synthetic.num_azimuths:
+            raise ConfigError(
+                f"data.synthetic.num_azimuths={self.synthetic.num_azimuths} must divide 360 "
+                "(file names carry whole degrees)"
+            )
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class PoseConfig:
+    """Which poses the generator renders fakes at."""
+
+    mode: Literal["known", "random"] = "known"
+    """``known``: the pose of the real image in the same batch slot (graf_ccsr);
+    ``random``: u ~ U(u_range), v ~ U(v_range) (GRAF)."""
+    u_range: List[float] = _list(0.0, 1.0)
+    """Azimuth fraction range for random poses (u = deg / 360)."""
+    v_range: List[float] = _list(0.2, 0.5)
+    """Elevation ``v`` range for random poses."""
+
+    def check(self, root: "Config") -> None:
+        for key, rng in (("model.pose.u_range", self.u_range), ("model.pose.v_range", self.v_range)):
+            if len(rng) != 2 or not 0.0 <= rng[0] <= rng[1] <= 1.0:
+                raise ConfigError(f"{key}={list(rng)} must be [low, high] with 0 <= low <= high <= 1")
+
+
+@dataclass
+class PatchConfig:
+    """GRAF's multi-scale patch sampler."""
+
+    rays_per_patch: int = bounded(256, gt=0)
+    """Rays in one patch; a perfect square (the patch side is its root). GRAF: 1024 (32^2);
+    graf_ccsr: 4096 (64^2)."""
+    sampling: Literal["multiscale", "full"] = "multiscale"
+    """``multiscale`` (random scale and shift, GRAF) or ``full`` (whole image point-sampled
+    at the patch resolution, what graf_ccsr did)."""
+    min_scale: float = bounded(0.5, gt=0, le=1)
+    """Smallest patch scale (fraction of the image side) reached by annealing (GRAF: 0.25)."""
+    max_scale: float = bounded(1.0, gt=0, le=1)
+    """Largest patch scale."""
+    min_scale_cap: float = bounded(0.9, gt=0, le=1)
+    """s_min never exceeds this (GRAF: 0.9): patches vary in scale from the first iteration."""
+    scale_anneal: float = bounded(0.05, ge=0)
+    """s_min(it) = min(min_scale_cap, max(min_scale, max_scale * exp(-scale_anneal * (it // anneal_every)))).
+    GRAF: 0.0025 x 3 per 1000 iterations, i.e. 0.0075 with anneal_every=1000."""
+    anneal_every: int = bounded(100, gt=0)
+    """Iterations per annealing step (GRAF: 1000)."""
+    antialias: bool = False
+    """Box-filter real images to the patch spacing (a mip-map) before sampling. Off: reals are
+    point-sampled like the generator's one ray per pixel, as in GRAF and graf_ccsr."""
+
+    @property
+    def side(self) -> int:
+        return math.isqrt(self.rays_per_patch)
+
+    def check(self, root: "Config") -> None:
+        side = self.side
+        if side * side != self.rays_per_patch:
+            raise ConfigError(
+                f"model.patch.rays_per_patch={self.rays_per_patch} is not a perfect square; nearest "
+                f"allowed values are {side * side} ({side}^2) and {(side + 1) ** 2} ({side + 1}^2)"
+            )
+        if side < 16:
+            raise ConfigError(f"model.patch.rays_per_patch={self.rays_per_patch} gives a {side}px patch; "
+                              "the discriminator needs >= 16 (256 rays)")
+        if self.min_scale > self.max_scale:
+            raise ConfigError(f"model.patch.min_scale={self.min_scale} must be <= model.patch.max_scale={self.max_scale}")
+
+
+@dataclass
+class FieldConfig:
+    """Conditional radiance field (NeRF MLP with GRAF's shape/appearance split).
+
+    The defaults are the CPU-sized field (58 k parameters); ``model=graf`` is GRAF's 8 x 256."""
+
+    xyz_frequencies: int = bounded(6, ge=0)
+    """Log-spaced positional-encoding frequencies on xyz (GRAF: 10 -> 63 dims)."""
+    dir_frequencies: int = bounded(3, ge=0)
+    """Frequencies on view directions (GRAF: 4 -> 27 dims)."""
+    depth: int = bounded(4, ge=1)
+    """Layers of the trunk MLP (GRAF: 8)."""
+    width: int = bounded(96, ge=1)
+    """Width of the trunk MLP (GRAF: 256)."""
+    skips: List[int] = _list(2)
+    """Trunk layers after which the input is concatenated again (GRAF: [4])."""
+    view_width: int = bounded(48, ge=1)
+    """Width of the view-dependent colour branch (GRAF: 128)."""
+    z_shape_dim: int = bounded(32, ge=0)
+    """Latent code part fed to the trunk (shape; GRAF: 128)."""
+    z_appearance_dim: int = bounded(32, ge=0)
+    """Latent code part fed to the colour branch (appearance; GRAF: 128)."""
+    class_conditioning: bool = True
+    """Add a learned per-class embedding to z (broadcast per sample)."""
+
+    def check(self, root: "Config") -> None:
+        if self.z_shape_dim + self.z_appearance_dim != root.model.z_dim:
+            raise ConfigError(
+                f"model.field.z_shape_dim ({self.z_shape_dim}) + model.field.z_appearance_dim "
+                f"({self.z_appearance_dim}) must equal model.z_dim ({root.model.z_dim})"
+            )
+        for s in self.skips:
+            if not 0 <= s < self.depth - 1:
+                raise ConfigError(f"model.field.skips entry {s} must lie in [0, model.field.depth - 1 = {self.depth - 1})")
+
+
+@dataclass
+class RenderConfig:
+    """Volume rendering along each ray."""
+
+    samples_per_ray: int = bounded(24, gt=0)
+    """Stratified depth samples per ray on [near, far] (GRAF and graf_ccsr: 64)."""
+    importance_samples: int = bounded(0, ge=0)
+    """Extra samples per ray from the hierarchical pass (0 = off)."""
+    perturb: bool = True
+    """Jitter the stratified samples during training."""
+    density_noise_std: float = bounded(1.0, ge=0)
+    """Std of the noise added to raw density at iteration 0."""
+    density_noise_decay_iters: int = bounded(500, ge=0)
+    """The noise decays linearly to exactly 0 at this iteration (GRAF: 5000)."""
+    white_background: bool = False
+    """Composite on white instead of black."""
+
+
+@dataclass
+class CCSRConfig:
+    """Consistency-controlled super-resolution (CCLC codes, SR net, CEM)."""
+
+    mode: Literal["off", "regularizer", "discriminator"] = "off"
+    """``off``; ``regularizer`` (graf_ccsr: SR only feeds a consistency loss);
+    ``discriminator`` (render at P, super-resolve to scale * P, D sees scale * P)."""
+    scale: Literal[1, 2, 3, 4, 8] = 2
+    """Super-resolution factor."""
+    num_views: int = bounded(8, gt=0)
+    """Azimuth bins of per-view latent codes (8 = 45 degree bins)."""
+    code_resolution: int = bounded(0, ge=0)
+    """Side of each per-view latent image; 0 = the data's image size. Codes are sampled with
+    the patch grid, so they stay aligned with the image."""
+    code_init_std: float = bounded(0.01, ge=0)
+    """Std of the codes' N(0, 1) * std initialisation."""
+    hidden_channels: int = bounded(64, gt=0)
+    """Channels of the SR network's 3x3 convolutions."""
+    num_layers: int = bounded(3, ge=0)
+    """3x3 conv layers before the PixelShuffle head."""
+    cem_blur: Literal["box", "gaussian"] = "box"
+    """Blur of the consistency-enforcing module."""
+    cem_kernel: int = bounded(3, gt=0)
+    """Blur kernel size (odd)."""
+    cem_sigma: float = bounded(1.0, gt=0)
+    """Gaussian blur sigma (``gaussian`` only)."""
+    cem_weight: float = 0.5
+    """Weight of the back-projected residual (graf_ccsr: 0.5; 1.0 = projection)."""
+    consistency_weight: float = bounded(1.0, ge=0)
+    """alpha(t) = consistency_weight * exp(-consistency_decay * t)."""
+    consistency_decay: float = bounded(1e-4, ge=0)
+    """Decay rate of alpha(t) per iteration."""
+
+    def check(self, root: "Config") -> None:
+        if self.cem_kernel % 2 == 0:
+            raise ConfigError(f"model.ccsr.cem_kernel={self.cem_kernel} must be a positive odd number")
+        if 360 % self.num_views:
+            raise ConfigError(f"model.ccsr.num_views={self.num_views} must divide 360 (azimuth bins of whole degrees)")
+        if self.mode != "off" and self.scale < 2:
+            raise ConfigError(f"model.ccsr.scale={self.scale} must be >= 2 when model.ccsr.mode={self.mode}")
+        if self.mode == "discriminator":
+            hr = root.model.patch.side * self.scale
+            if hr > root.data.image_size:
+                raise ConfigError(
+                    f"model.ccsr.scale={self.scale} with a {root.model.patch.side}px patch needs real patches of "
+                    f"{hr}px, larger than data.image_size={root.data.image_size}; lower model.ccsr.scale or "
+                    "model.patch.rays_per_patch"
+                )
+            if hr > 256:
+                raise ConfigError(f"model.ccsr.scale * patch side = {hr} exceeds the discriminator's 256px limit")
+
+
+@dataclass
+class DiscriminatorConfig:
+    """GRAF's DCGAN-style patch discriminator."""
+
+    base_channels: int = bounded(32, gt=0)
+    """Channels of the first 4x4 stride-2 conv; doubles per level (GRAF: 64)."""
+    max_channels: int = bounded(512, gt=0)
+    """Cap on channels per level."""
+    spectral_norm: bool = True
+    """Spectral normalisation on every conv (graf_ccsr: none)."""
+    norm: Literal["instance", "batch", "none"] = "instance"
+    """Normalisation after every conv but the first (graf_ccsr: batch)."""
+    class_conditioning: bool = True
+    """Class one-hot as extra input channels."""
+    aux_classifier: bool = False
+    """Auxiliary multi-task classification head (ACGAN-style, D and G)."""
+    n_each_task: List[int] = _list()
+    """Logit slice size of each task (empty = one task over the data's classes)."""
+
+    def check(self, root: "Config") -> None:
+        for i, n in enumerate(self.n_each_task):
+            if n < 2:
+                raise ConfigError(f"model.discriminator.n_each_task[{i}]={n} must be >= 2")
+
+
+@dataclass
+class ModelConfig:
+    z_dim: int = bounded(64, gt=0)
+    """Latent size; split into z_shape_dim + z_appearance_dim (GRAF: 256)."""
+    pose: PoseConfig = dc_field(default_factory=PoseConfig)
+    patch: PatchConfig = dc_field(default_factory=PatchConfig)
+    field: FieldConfig = dc_field(default_factory=FieldConfig)
+    render: RenderConfig = dc_field(default_factory=RenderConfig)
+    ccsr: CCSRConfig = dc_field(default_factory=CCSRConfig)
+    discriminator: DiscriminatorConfig = dc_field(default_factory=DiscriminatorConfig)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class AmpConfig:
+    """Mixed precision as named policies (guide item 11)."""
+
+    policy: Literal["off", "generator", "generator_sr", "all"] = "off"
+    """``off``; ``generator`` (radiance field + renderer under autocast); ``generator_sr``
+    (+ CCSR); ``all`` (+ discriminator). R1 is always FP32."""
+    dtype: Literal["bf16", "fp16"] = "bf16"
+    """``bf16`` or ``fp16`` (fp16 uses one GradScaler per optimiser)."""
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    seed: int = 0
+    """Seed of every random stream (models, batches, patches, latent codes)."""
+    batch_size: int = bounded(8, gt=0)
+    """Images per optimiser step (split into grad_accum_steps micro-batches)."""
+    grad_accum_steps: int = bounded(1, gt=0)
+    """Micro-batches accumulated per step: same effective batch, less memory."""
+    max_iters: int = bounded(1500, gt=0)
+    """Training iterations (one D step + one G step each)."""
+    time_budget_s: float = bounded(0.0, ge=0)
+    """Stop after this many seconds of training (0 = no limit), for equal-time comparisons;
+    the clock runs from the first iteration and includes logging, samples and checkpoints."""
+    snapshots: int = bounded(0, ge=0)
+    """With a time budget: save ``snapshots/<k>.pt`` when the clock passes each of
+    ``snapshot_fractions`` of it (0 = none)."""
+    snapshot_fractions: List[float] = _list(0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+    """Fractions of ``time_budget_s`` at which snapshots are saved (when ``snapshots`` > 0)."""
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    """GRAF and graf_ccsr: RMSprop."""
+    lr_g: float = bounded(6e-4, gt=0)
+    """Generator learning rate (graf_ccsr: 6e-4; GRAF: 5e-4)."""
+    lr_d: float = bounded(1e-4, gt=0)
+    """Discriminator learning rate (GRAF and graf_ccsr: 1e-4)."""
+    rmsprop_alpha: float = 0.99
+    optim_eps: float = 1e-8
+    adam_betas: List[float] = _list(0.0, 0.99)
+    lr_milestones: List[int] = _list(80000, 120000, 150000)
+    lr_gamma: float = 0.5
+    r1_gamma: float = bounded(10.0, ge=0)
+    """R1 weight in GRAF's units: the penalty is r1_gamma x the squared gradient of D's logit
+    with respect to its input, summed over channels and AVERAGED over pixels and images
+    (GAN_stability's compute_grad2 on B*N pixel rows). The same number means the same penalty
+    as in GRAF (10) and graf_ccsr (80). Per image that is r1_gamma / N (N pixels in D's input)."""
+    r1_every: int = bounded(1, gt=0)
+    """Lazy R1: apply every k D steps, scaled by k."""
+    aux_weight: float = bounded(1.0, ge=0)
+    """Weight of the auxiliary multi-task classification loss (if enabled)."""
+    ema_beta: float = bounded(0.99, ge=0, lt=1)
+    """EMA of the generator used for samples and evaluation (0 = no EMA). GRAF: 0.999, which
+    averages over ~1000 iterations; the short default job uses 0.99. graf_ccsr had none."""
+    amp: AmpConfig = dc_field(default_factory=AmpConfig)
+    compile: bool = False
+    """torch.compile the radiance field (falls back to eager if unavailable)."""
+    tf32: bool = True
+    """Allow TF32 matmuls on CUDA."""
+    log_every: int = bounded(10, ge=0)
+    """Iterations per logged window of losses, throughput and memory (0 = only at the end)."""
+    sample_every: int = bounded(250, ge=0)
+    """Iterations between sample grids (0 = only at the end)."""
+    eval_every: int = bounded(0, ge=0)
+    """FID/KID cadence (0 = only at the end if eval.at_end)."""
+    ckpt_every: int = bounded(500, ge=0)
+    """Iterations between checkpoints (0 = only at the end)."""
+    num_sample_views: int = bounded(8, gt=0)
+    """Views in the sample grid."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/Inf loss: ``stop`` the run or ``skip`` the step."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def check(self, root: "Config") -> None:
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} must be divisible by train.grad_accum_steps={self.grad_accum_steps}"
+            )
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas={list(self.adam_betas)} must have two entries")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device={self.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
+        for i, f in enumerate(self.snapshot_fractions):
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"train.snapshot_fractions[{i}]={f} must lie in (0, 1]")
+        if self.snapshots and not self.time_budget_s:
+            raise ConfigError("train.snapshots needs train.time_budget_s > 0 (snapshots are fractions of it)")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@dataclass
+class MemoryConfig:
+    """Every item of the memory guide as a switch, plus what it left out."""
+
+    set_to_none: bool = True
+    """Guide #3: zero_grad(set_to_none=...). False keeps zero-filled grad buffers."""
+    loader_workers: int = bounded(0, ge=0)
+    """Guide #2: DataLoader workers (capped at 4)."""
+    prefetch_factor: int = bounded(2, gt=0)
+    """Guide #2: batches prefetched per worker (only with workers > 0)."""
+    persistent_workers: bool = True
+    """Guide #2: keep workers alive between epochs (only with workers > 0)."""
+    pin_memory: bool = True
+    """Guide #2/#5: pinned host batches (only applied on CUDA)."""
+    non_blocking: bool = True
+    """Guide #5: asynchronous host-to-device copies."""
+    eager_free: bool = True
+    """Guide #6: `del` intermediates (fakes, D outputs, losses) as soon as used."""
+    empty_cache_every: int = bounded(0, ge=0)
+    """Guide #7: torch.cuda.empty_cache() + gc.collect() after sampling, eval and
+    checkpoints, and every N iterations (0 = never)."""
+    fakes_without_graph: bool = True
+    """Guide #8: render the D step's fakes (and samples, eval) under no_grad."""
+    ccsr_no_grad: bool = False
+    """Guide #9 as written: run CCSR under no_grad and re-mark its output as
+    requiring grad. This STOPS CCSR FROM LEARNING (its output is a new leaf)."""
+    eval_to_cpu: bool = True
+    """Guide #10: move each evaluation/sample batch to the CPU at once."""
+    grad_checkpoint: bool = False
+    """Not in the guide: activation checkpointing of the radiance field in segments of
+    at most ``checkpoint_segment_points`` points; backward recomputes one segment at a time."""
+    checkpoint_segment_points: int = bounded(65536, gt=0)
+    """Points (rays x samples) per checkpointed segment of the field (with ``grad_checkpoint``).
+    The field's activations peak at about one segment's worth (~9 KB per point at GRAF's 8x256
+    in fp32): smaller segments, lower peak, more Python overhead per step. Whole rays are kept
+    together."""
+    render_chunk: int = bounded(0, ge=0)
+    """Not in the guide: rays rendered per chunk (0 = all at once). No-grad renders (D-step
+    fakes, samples, eval) are segmented anyway (``no_grad_segment_points``)."""
+    no_grad_segment_points: int = bounded(65536, gt=0)
+    """Renders without autograd (the D step's fakes, samples, evaluation) run the field on at
+    most this many points at a time: the same result, with the MLP's temporaries bounded (an
+    evaluation batch of 32 whole 64x64 images at 64 samples is 8.4 M points)."""
+    track_peak_every: int = bounded(50, ge=0)
+    """Measure the device-agnostic peak (live tensor bytes) on every N-th iteration (and the
+    first two); 0 = never. Other steps run untouched."""
+
+
+# --------------------------------------------------------------------------- eval / tracking
+
+
+@dataclass
+class EvalConfig:
+    extractor: Literal["random-features", "inception-v3-compat"] = "random-features"
+    """``random-features`` (offline, seeded random CNN: NOT comparable with papers; its
+    metrics are logged as ``eval/fid_rf``, ``eval/kid_rf_*``) or ``inception-v3-compat``
+    (torch-fidelity's standard FID network: ``eval/fid``, ``eval/kid_*``)."""
+    weights_path: Optional[str] = None
+    """Local file with the inception-v3-compat weights (offline clusters)."""
+    num_samples: int = bounded(256, gt=0)
+    """Fakes generated for FID/KID (GRAF: 1000; ``eval=graf``)."""
+    kid_subset_size: int = bounded(100, gt=0)
+    """Samples per KID subset (<= num_samples)."""
+    kid_subsets: int = bounded(50, gt=0)
+    """Number of KID subsets (``eval=graf``: 100)."""
+    batch_size: int = bounded(32, gt=0)
+    """Images rendered/featurised per batch during evaluation."""
+    resolution: int = bounded(0, ge=0)
+    """Side of evaluated images; 0 = the data's image size."""
+    best_metric: Literal["fid", "kid_mean"] = "fid"
+    """Which keeps the best checkpoint (the extractor's FID or KID)."""
+    at_end: bool = True
+    """Evaluate once more at the end of training."""
+    cache_dir: Optional[str] = None
+    """Real-statistics cache (default ``<project>/data/fidelity-cache``)."""
+
+    def check(self, root: "Config") -> None:
+        if self.kid_subset_size > self.num_samples:
+            raise ConfigError(
+                f"eval.kid_subset_size={self.kid_subset_size} must be <= eval.num_samples={self.num_samples}"
+            )
+        if self.weights_path:
+            from pathlib import Path
+
+            if not Path(self.weights_path).expanduser().is_file():
+                raise ConfigError(f"eval.weights_path={self.weights_path!r} is not a file")
+
+
+@dataclass
+class TrackingConfig:
+    backend: Literal["mlflow", "none"] = "mlflow"
+    """``mlflow`` or ``none`` (``metrics.json`` is written either way)."""
+    uri: Optional[str] = None
+    """MLflow tracking URI (default ``sqlite:///<project>/mlflow.db``)."""
+    experiment: str = "grafccsr"
+    """MLflow experiment name."""
+    run_name: Optional[str] = None
+    """MLflow run name (default: the preset and the run folder's name)."""
+    parent_run_id: Optional[str] = None
+    """Make the run a nested child of this run (sweeps)."""
+    log_checkpoints: bool = False
+    """Upload every checkpoint (``checkpoints/<iteration>/``) so that evaluation and resume
+    work on machines without the run folder."""
+    system_metrics: bool = True
+    """Log MLflow's system metrics (CPU/GPU utilisation and memory, ``system/*``) beside ours;
+    needs psutil (and nvidia-ml-py for GPUs)."""
+    system_metrics_interval_s: float = bounded(10.0, gt=0)
+    """Seconds between system-metric samples."""
+    tags: Dict[str, str] = dc_field(default_factory=dict)
+    """Extra MLflow tags."""
+
+
+@dataclass
+class Config:
+    camera: CameraConfig = dc_field(default_factory=CameraConfig)
+    data: DataConfig = dc_field(default_factory=DataConfig)
+    model: ModelConfig = dc_field(default_factory=ModelConfig)
+    train: TrainConfig = dc_field(default_factory=TrainConfig)
+    memory: MemoryConfig = dc_field(default_factory=MemoryConfig)
+    eval: EvalConfig = dc_field(default_factory=EvalConfig)
+    tracking: TrackingConfig = dc_field(default_factory=TrackingConfig)
+    exp_name: str = "default"
+    """Set by experiment presets; names the run folder and MLflow tag."""
+    output_dir: Optional[str] = None
+    """Run folder; default Hydra's run directory."""
+    resume: Optional[str] = None
+    """Checkpoint file or run folder to resume from (continues its MLflow run)."""
