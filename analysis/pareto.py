@@ -14,8 +14,6 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-DEFAULT_OBJECTIVES = ("peak_memory_mb", "fid")
-DEFAULT_DIRECTIONS = ("minimize", "minimize")
 STATUSES = ("front", "dominated", "infeasible", "failed")
 
 
@@ -32,13 +30,6 @@ def _signs(directions: Sequence[str], k: int) -> np.ndarray:
         else:
             raise ValueError(f"direction {d!r} must be 'minimize' or 'maximize'")
     return np.asarray(signs)
-
-
-def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
-    """True when ``a`` is at least as good as ``b`` in every objective and better in one."""
-    s = _signs(directions, len(a))
-    x, y = np.asarray(a, float) * s, np.asarray(b, float) * s
-    return bool(np.all(x <= y) and np.any(x < y))
 
 
 def pareto_mask(values: Union[np.ndarray, Sequence[Sequence[float]]], directions: Optional[Sequence[str]] = None) -> np.ndarray:
@@ -68,14 +59,17 @@ def pareto_mask(values: Union[np.ndarray, Sequence[Sequence[float]]], directions
 
 def pareto_front(
     df: pd.DataFrame,
-    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
-    directions: Sequence[str] = DEFAULT_DIRECTIONS,
+    objectives: Sequence[str],
+    directions: Optional[Sequence[str]] = None,
     feasible: Union[None, str, pd.Series, np.ndarray] = None,
     memory_budget_mb: Optional[float] = None,
     memory_column: str = "peak_memory_mb",
     finished_only: bool = True,
 ) -> pd.DataFrame:
     """A copy of ``df`` with ``pareto_status`` (front/dominated/infeasible/failed) and ``on_front``.
+
+    ``objectives``: columns, e.g. ``("peak_memory_mb", "fid_rf")``; ``directions``: one
+    ``minimize``/``maximize`` each (default: minimise all).
 
     ``feasible``: a boolean column name or mask (e.g. ``trial_feasible`` of a sweep), combined
     with ``memory_budget_mb`` (rows whose ``memory_column`` exceeds it are infeasible). Rows

@@ -1,23 +1,27 @@
 """Plots of runs frames (:mod:`analysis.runs`): matplotlib with the Agg backend, PNG files.
 
 Every figure has a title naming the device(s), axis labels with units and a legend. Memory
-measures (CUDA reserved vs live tensor bytes) and FID extractors are never mixed on one
-axis: such frames are drawn as one panel per group.
+measures (CUDA reserved vs live tensor bytes) are never mixed on one axis: such frames are
+drawn as one panel per measure. A quality axis shows one column, and a column holds one
+feature extractor's numbers (``fid_rf`` or ``fid``, see :mod:`analysis.runs`), named in the
+axis label.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, List, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from analysis.pareto import pareto_front
-from analysis.runs import MEMORY_MEASURES, MixedExtractorsError, comparable_groups
+from analysis.runs import MEMORY_MEASURES, MIN_TIMED_ITERATIONS, by_memory_measure, measured_throughput, quality_label
 
 DPI = 110
+MIN_CURVE_POINTS = 3
+"""A run's metric is drawn as a curve over training only with at least this many values."""
 PHASES = ("d_step", "g_step", "sample", "eval")
 PHASE_COLOURS = {"d_step": "tab:blue", "g_step": "tab:orange", "sample": "tab:green", "eval": "tab:purple"}
 STATUS_STYLE = {
@@ -85,23 +89,24 @@ def plot_memory_vs_quality(
     df: pd.DataFrame,
     path: Path,
     x: str = "peak_memory_mb",
-    y: str = "fid",
+    y: str = "fid_rf",
     directions: Sequence[str] = ("minimize", "minimize"),
     feasible: Optional[str] = None,
     memory_budget_mb: Optional[float] = None,
     label_col: Optional[str] = None,
     title: str = "Peak memory vs quality",
 ) -> Path:
-    """Scatter of memory against FID (or any quality column), the Pareto front highlighted
-    (red, joined by a step line), dominated/infeasible/failed points styled apart. One panel
-    per (memory measure, FID extractor) group."""
+    """Scatter of memory against one quality column (``fid_rf``, ``fid``, ...), the Pareto front
+    highlighted (red, joined by a step line), dominated/infeasible/failed points styled apart.
+    One panel per memory measure."""
     plt = _plt()
-    groups = {k: g for k, g in comparable_groups(df, y, x).items() if k[1] is not None}
-    n_failed = int((df[y].isna() if y in df.columns else pd.Series(True, index=df.index)).sum())
+    has_y = df[y].notna() if y in df.columns else pd.Series(False, index=df.index)
+    groups = by_memory_measure(df[has_y], x)
+    n_failed = int((~has_y).sum())
     if not groups:
         return _empty(path, f"{title} — {devices_text(df)}", f"no run has both {x} and {y} ({n_failed} without {y})")
     fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), 4.8), squeeze=False)
-    for ax, ((measure, extractor), g) in zip(axes[0], sorted(groups.items(), key=lambda kv: str(kv[0]))):
+    for ax, (measure, g) in zip(axes[0], sorted(groups.items())):
         ranked = pareto_front(g, (x, y), directions, feasible=feasible, memory_budget_mb=memory_budget_mb,
                               memory_column=x)
         for status in ("dominated", "infeasible", "failed", "front"):
@@ -120,8 +125,8 @@ def plot_memory_vs_quality(
         if memory_budget_mb is not None:
             ax.axvline(memory_budget_mb, c="tab:gray", ls="--", lw=1, label=f"budget {memory_budget_mb:g} MiB")
         ax.set_xlabel(memory_label(measure, x))
-        ax.set_ylabel(f"{y.upper() if y == 'fid' else y} ({extractor} features; lower is better)")
-        ax.set_title(f"{title}\n{devices_text(g)} · FID extractor: {extractor}", fontsize=10)
+        ax.set_ylabel(f"{quality_label(y)}{'; lower is better' if directions[1] == 'minimize' else ''}")
+        ax.set_title(f"{title}\n{devices_text(g)}", fontsize=10)
         ax.grid(alpha=0.3)
         if n_failed:
             ax.plot([], [], " ", label=f"{n_failed} run(s) without {y} not shown")
@@ -139,7 +144,7 @@ def plot_memory_vs_batch(df: pd.DataFrame, path: Path, y: str = "peak_memory_mb"
     ``OOM`` at the top of the panel. One panel per memory measure."""
     plt = _plt()
     data = df[df["batch_size"].notna()]
-    groups = {k[0]: g for k, g in comparable_groups(data, None, y).items() if k[0] is not None}
+    groups = by_memory_measure(data, y)
     ooms = data[data["failure_reason"] == "oom"] if "failure_reason" in data.columns else data.iloc[:0]
     if not groups:
         return _empty(path, f"{title} — {devices_text(df)}", f"no run with batch_size and {y}")
@@ -147,8 +152,8 @@ def plot_memory_vs_batch(df: pd.DataFrame, path: Path, y: str = "peak_memory_mb"
     palette = plt.get_cmap("tab10").colors
     spr_values = sorted({int(v) for v in data["samples_per_ray"].dropna()})
     colours = {s: palette[i % len(palette)] for i, s in enumerate(spr_values)}
-    for ax, (measure, g) in zip(axes[0], sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        g = g[g[y].notna()].copy()
+    for ax, (measure, g) in zip(axes[0], sorted(groups.items())):
+        g = g.copy()
         g["_amp"] = g["amp"].fillna(False).astype(bool)
         for (spr, amp), line in g.groupby(["samples_per_ray", "_amp"], dropna=False):
             pts = line.groupby("batch_size")[y].median().sort_index()
@@ -177,27 +182,36 @@ def plot_memory_vs_batch(df: pd.DataFrame, path: Path, y: str = "peak_memory_mb"
 # ----------------------------------------------------------------------------- throughput vs memory
 
 
-def plot_throughput_vs_memory(df: pd.DataFrame, path: Path, x: str = "peak_memory_mb", y: str = "it_per_s",
+def plot_throughput_vs_memory(df: pd.DataFrame, path: Path, x: str = "peak_memory_mb",
                               label_col: Optional[str] = None, title: str = "Throughput vs peak memory") -> Path:
     """Training iterations per second against peak memory, AMP on/off in two colours, each
-    point labelled with its batch size and samples per ray (or ``label_col``)."""
+    point labelled with its batch size and samples per ray (or ``label_col``). Runs with fewer
+    than :data:`~analysis.runs.MIN_TIMED_ITERATIONS` timed iterations are not drawn (their
+    throughput is not measured); the legend counts them."""
     plt = _plt()
-    data = df[df[x].notna() & df[y].notna()] if x in df.columns and y in df.columns else df.iloc[:0]
-    groups = {k[0]: g for k, g in comparable_groups(data, None, x).items() if k[0] is not None}
+    speed = measured_throughput(df)
+    data = df.assign(it_per_s=speed)[speed.notna()] if x in df.columns else df.iloc[:0]
+    unmeasured = int((speed.isna() & df.get("it_per_s", pd.Series(dtype=float)).notna()).sum())
+    note = f"{unmeasured} run(s) with fewer than {MIN_TIMED_ITERATIONS} timed iterations: throughput not measured"
+    groups = by_memory_measure(data, x)
     if not groups:
-        return _empty(path, f"{title} — {devices_text(df)}", f"no run with {x} and {y}")
+        return _empty(path, f"{title} — {devices_text(df)}",
+                      f"no run with {x} and a measured it/s" + (f"\n({note})" if unmeasured else ""))
     fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), 4.6), squeeze=False)
-    for ax, (measure, g) in zip(axes[0], sorted(groups.items(), key=lambda kv: str(kv[0]))):
+    for ax, (measure, g) in zip(axes[0], sorted(groups.items())):
         amp = g["amp"].fillna(False).astype(bool)
         for flag, colour in ((False, "tab:blue"), (True, "tab:orange")):
             pts = g[amp == flag]
             if len(pts):
-                ax.scatter(pts[x].astype(float), pts[y].astype(float), c=colour, s=40,
+                ax.scatter(pts[x].astype(float), pts["it_per_s"].astype(float), c=colour, s=40,
                            label=f"AMP {'on' if flag else 'off'} ({len(pts)})")
         for _, row in g.iterrows():
             text = _label(row, label_col) if label_col else \
                 f"b{_int(row.get('batch_size'))}/s{_int(row.get('samples_per_ray'))}"
-            ax.annotate(text, (float(row[x]), float(row[y])), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.annotate(text, (float(row[x]), float(row["it_per_s"])), textcoords="offset points", xytext=(4, 3),
+                        fontsize=7)
+        if unmeasured:
+            ax.plot([], [], " ", label=note)
         ax.set_xlabel(memory_label(measure, x))
         ax.set_ylabel("training iterations per second (it/s)")
         ax.set_title(f"{title}\n{devices_text(g)}", fontsize=10)
@@ -216,36 +230,34 @@ def _int(value) -> str:
 # ----------------------------------------------------------------------------- curves
 
 
-def plot_curves(histories: pd.DataFrame, path: Path, runs: Optional[pd.DataFrame] = None,
-                keys: Sequence[str] = ("eval/fid", "eval/kid_mean"), labels: Optional[Mapping[str, str]] = None,
-                title: str = "Quality over training") -> Path:
-    """One panel per metric (FID, KID, ...), one line per run, x = training iteration.
-    ``histories`` is :func:`analysis.runs.metric_histories`' long frame; ``runs`` (the runs
-    frame) names devices and extractors and is checked for a single extractor."""
+def curve_runs(histories: pd.DataFrame, key: str) -> list:
+    """Runs with at least :data:`MIN_CURVE_POINTS` values of ``key`` (fewer make no curve)."""
+    h = histories[histories["key"] == key] if len(histories) else histories
+    counts = h.groupby("run_id")["step"].nunique() if len(h) else pd.Series(dtype=int)
+    return [r for r, n in counts.items() if n >= MIN_CURVE_POINTS]
+
+
+def plot_curves(histories: pd.DataFrame, path: Path, keys: Sequence[str], runs: Optional[pd.DataFrame] = None,
+                labels: Optional[Mapping[str, str]] = None, title: str = "Quality over training") -> Optional[Path]:
+    """One panel per metric key (e.g. ``eval/fid_rf``, ``eval/kid_rf_mean``), one line per run,
+    x = training iteration. ``histories`` is :func:`analysis.runs.metric_histories`' long
+    frame; ``runs`` (the runs frame) names the devices. A run is drawn only with at least
+    :data:`MIN_CURVE_POINTS` values; None (no file) when no run has that many."""
     plt = _plt()
-    extractor = None
-    if runs is not None:
-        chosen = runs[runs["run_id"].isin(set(histories["run_id"]))] if len(histories) else runs.iloc[:0]
-        found = sorted({str(e) for e in chosen["fid_extractor"].dropna()})
-        if len(found) > 1:
-            raise MixedExtractorsError(f"curves of runs with different FID extractors {found}: plot them apart")
-        extractor = found[0] if found else None
+    drawn = {key: curve_runs(histories, key) for key in keys}
+    keys = [k for k in keys if drawn[k]]
+    if not keys:
+        return None
     dev = devices_text(runs if runs is not None else pd.DataFrame())
-    keys = [k for k in keys if len(histories) and (histories["key"] == k).any()] or list(keys)
-    if not len(histories):
-        return _empty(path, f"{title} — {dev}", "no metric history for the chosen runs")
     fig, axes = plt.subplots(1, len(keys), figsize=(5.8 * len(keys), 4.3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        h = histories[histories["key"] == key]
+        h = histories[(histories["key"] == key) & histories["run_id"].isin(drawn[key])]
         for run_id, line in h.groupby("run_id", sort=False):
             line = line.sort_values("step")
-            ax.plot(line["step"], line["value"], marker="o", ms=5,
-                    label=(labels or {}).get(run_id, str(run_id)[:8]))
-        name = key.split("/")[-1]
-        unit = "FID" if name == "fid" else "KID (subset mean)" if name == "kid_mean" else name
+            ax.plot(line["step"], line["value"], marker="o", ms=5, label=(labels or {}).get(run_id, str(run_id)[:8]))
         ax.set_xlabel("training iteration")
-        ax.set_ylabel(f"{unit}{f' [{extractor}]' if extractor else ''}")
-        ax.set_title(f"{title}: {unit} (lower is better)\n{dev}", fontsize=10)
+        ax.set_ylabel(quality_label(key))
+        ax.set_title(f"{title}: {quality_label(key)} (lower is better)\n{dev}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -261,12 +273,11 @@ def phase_frame(df: pd.DataFrame, measure: str = "peak_live_tensors_mb") -> pd.D
 
 
 def plot_memory_per_phase(df: pd.DataFrame, path: Path, measure: Optional[str] = None,
-                          label_col: Optional[str] = None, kind: str = "grouped",
-                          reference: Optional[str] = None, title: str = "Peak memory per training phase") -> Path:
-    """Horizontal bars of each run's peak memory per phase (D step, G step, sampling, eval).
+                          label_col: Optional[str] = None, reference: Optional[str] = None,
+                          title: str = "Peak memory per training phase") -> Path:
+    """Horizontal bars of each run's peak memory per phase (D step, G step, sampling, eval),
+    a run's phases side by side.
 
-    ``kind="grouped"`` (default) puts a run's phases side by side; ``"stacked"`` stacks them
-    (the stack's length is then a sum of peaks that never coexist: a visual aid only).
     ``measure``: ``peak_live_tensors_mb`` / ``peak_allocated_mb`` / ``peak_reserved_mb``
     (default: allocated on CUDA, live tensors otherwise). ``reference``: the label of the row
     whose run peak is drawn as a dashed line (e.g. the baseline)."""
@@ -281,24 +292,19 @@ def plot_memory_per_phase(df: pd.DataFrame, path: Path, measure: Optional[str] =
         return _empty(path, f"{title} — {devices_text(df)}", f"no per-phase {measure} metrics")
     labels = [_label(row, label_col) for _, row in df.iterrows()]
     n, k = len(df), phases.shape[1]
-    fig, ax = plt.subplots(figsize=(8.5, max(2.5, 0.26 * n * (k if kind == "grouped" else 1) + 1.6)))
+    fig, ax = plt.subplots(figsize=(8.5, max(2.5, 0.26 * n * k + 1.6)))
     ypos = np.arange(n)[::-1].astype(float)
-    height = 0.8 / k if kind == "grouped" else 0.7
-    left = np.zeros(n)
+    height = 0.8 / k
     for j, phase in enumerate(phases.columns):
-        values = phases[phase].fillna(0.0).to_numpy()
-        if kind == "stacked":
-            ax.barh(ypos, values, height, left=left, color=PHASE_COLOURS.get(phase), label=phase)
-            left = left + values
-        else:
-            offset = (k - 1) / 2 - j
-            ax.barh(ypos + offset * height, values, height, color=PHASE_COLOURS.get(phase), label=phase)
+        offset = (k - 1) / 2 - j
+        ax.barh(ypos + offset * height, phases[phase].fillna(0.0).to_numpy(), height, color=PHASE_COLOURS.get(phase),
+                label=phase)
     if reference is not None and reference in labels:
         ref = float(np.nanmax(phases.iloc[labels.index(reference)].to_numpy()))
         ax.axvline(ref, c="black", ls="--", lw=1, label=f"{reference} peak ({ref:.1f} MiB)")
     ax.set_yticks(ypos)
     ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel(memory_label(None, measure) + (" — stacked peaks, not a total" if kind == "stacked" else ""))
+    ax.set_xlabel(memory_label(None, measure))
     ax.set_title(f"{title}\n{devices_text(df)}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -373,17 +379,8 @@ def plot_ablation_changes(table: pd.DataFrame, path: Path, column: str, device: 
     return _save(fig, path)
 
 
-def png_ok(path: Path) -> bool:
-    """The file exists, is not empty and starts with the PNG signature."""
-    path = Path(path)
-    return path.is_file() and path.stat().st_size > 8 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def written(paths: Iterable[Optional[Path]]) -> List[Path]:
-    return [Path(p) for p in paths if p is not None]
-
 
 __all__ = [
-    "plot_memory_vs_quality", "plot_memory_vs_batch", "plot_throughput_vs_memory", "plot_curves",
-    "plot_memory_per_phase", "plot_ablation_changes", "phase_frame", "png_ok", "devices_text", "memory_label",
+    "MIN_CURVE_POINTS", "plot_memory_vs_quality", "plot_memory_vs_batch", "plot_throughput_vs_memory", "curve_runs",
+    "plot_curves", "plot_memory_per_phase", "plot_ablation_changes", "phase_frame", "devices_text", "memory_label",
 ]

@@ -1,4 +1,4 @@
-"""MLflow runs (and the Optuna trials of a sweep) as typed pandas DataFrames.
+"""MLflow runs as typed pandas DataFrames.
 
 One row per run. Columns:
 
@@ -11,41 +11,66 @@ One row per run. Columns:
 * ``tags.<key>``: tags as strings;
 * short derived columns used by tables and plots: ``exp``, ``device``, ``fid_extractor``,
   ``failure_reason``, ``batch_size``, ``samples_per_ray``, ``rays_per_patch``, ``amp_policy``,
-  ``amp_dtype``, ``amp``, ``max_iters``, ``iterations``, ``peak_memory_mb`` with
-  ``peak_memory_measure`` (``cuda_peak_reserved`` on CUDA, ``peak_live_tensors`` elsewhere:
-  the same choice as the run's ``metrics.json``), ``peak_allocated_mb``, ``peak_reserved_mb``,
-  ``peak_live_tensors_mb``, ``process_peak_rss_mb``, ``fid``, ``kid_mean``, ``kid_std``,
-  ``it_per_s``, ``rays_per_s``, ``points_per_s``.
+  ``amp_dtype``, ``amp``, ``max_iters``, ``iterations``, ``timed_iterations``,
+  ``peak_memory_mb`` with ``peak_memory_measure`` (``cuda_peak_reserved`` on CUDA,
+  ``peak_live_tensors`` elsewhere: the same choice as the run's ``metrics.json``),
+  ``peak_allocated_mb``, ``peak_reserved_mb``, ``peak_live_tensors_mb``,
+  ``process_peak_rss_mb``, ``it_per_s``, ``rays_per_s``, ``points_per_s``, and the quality
+  columns below.
 
-Quality numbers (FID/KID) from different feature extractors are different scales: use
-:func:`require_one_extractor` / :func:`split_by_extractor` / :func:`quality` before putting
-them on one axis.
+Quality columns carry their feature extractor in the name, as the training run logs them
+(:func:`grafccsr.metrics.metric_key`): ``fid_rf``, ``kid_rf_mean``, ``kid_rf_std`` (offline
+random features, from ``eval/fid_rf`` ...) and ``fid``, ``kid_mean``, ``kid_std``
+(torch-fidelity's Inception, from ``eval/fid`` ...). A column never holds two extractors'
+numbers, so a plot or table of one column compares like with like.
+
+Every read goes through an ``MlflowClient`` on the tracking URI (a local SQLite file or an
+``http(s)://`` tracking server alike); Optuna studies are read by :mod:`analysis.studies`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import pandas as pd
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from grafccsr.metrics import INCEPTION, METRIC_NAMES, RANDOM_FEATURES, metric_key
+from grafccsr.paths import PROJECT_ROOT, default_tracking_uri
+from grafccsr.sweeping.storage import redact, resolve_storage_url
+
+__all__ = [
+    "PROJECT_ROOT", "REPORT_TAG", "MEMORY_MEASURES", "EXTRACTOR_NAMES", "QUALITY_COLUMNS", "MIN_TIMED_ITERATIONS",
+    "coerce_value", "type_column", "type_params", "resolve_tracking_uri", "client", "tag_filter", "search_runs",
+    "all_experiments", "runs_to_frame", "add_derived", "load_runs", "metric_history", "metric_histories",
+    "extractor_of", "quality_label", "quality_present", "timed_iterations", "measured_throughput",
+    "by_memory_measure", "redact",
+]
 
 #: Tag marking the runs that :mod:`analysis.report` creates (never loaded as training runs).
 REPORT_TAG = "analysis_report"
 
-QUALITY_COLUMNS = ("fid", "kid_mean", "kid_std")
 MEMORY_MEASURES = {
     "cuda_peak_reserved": "peak CUDA reserved",
     "cuda_peak_allocated": "peak CUDA allocated",
     "peak_live_tensors": "peak live tensors",
 }
 
+EXTRACTOR_NAMES = {RANDOM_FEATURES: "random features", INCEPTION: "Inception"}
+"""Feature extractor -> the words used in labels."""
+QUALITY_COLUMNS: Dict[str, tuple] = {e: tuple(metric_key(n, e) for n in METRIC_NAMES) for e in EXTRACTOR_NAMES}
+"""Feature extractor -> its (FID, KID mean, KID std) column names: ``fid_rf``... / ``fid``..."""
+_QUALITY_OF = {col: (e, name) for e, cols in QUALITY_COLUMNS.items() for name, col in zip(METRIC_NAMES, cols)}
+
+MIN_TIMED_ITERATIONS = 5
+"""Throughput (``it_per_s``) from fewer timed iterations is reported as not measured: a
+mean over one or two iterations of a short run says little about the configuration."""
+
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _NULLS = {"None", "null", "none", "NULL", ""}
 _BOOLS = {"True": True, "False": False, "true": True, "false": False}
+_TEXT_COLUMNS = ("exp", "device", "fid_extractor", "amp_policy", "amp_dtype", "ccsr_mode")
 
 # derived column -> source column (first present wins)
 _DERIVED = {
@@ -60,22 +85,18 @@ _DERIVED = {
     "amp_dtype": ("params.train.amp.dtype",),
     "max_iters": ("params.train.max_iters",),
     "ccsr_mode": ("params.model.ccsr.mode",),
+    "track_peak_every": ("params.memory.track_peak_every",),
     # the training step's peak (d_step, g_step); runs before that metric existed: the run maximum
     "peak_allocated_mb": ("metrics.mem/train_peak_allocated_mb", "metrics.mem/peak_allocated_mb"),
     "peak_reserved_mb": ("metrics.mem/train_peak_reserved_mb", "metrics.mem/peak_reserved_mb"),
     "peak_live_tensors_mb": ("metrics.mem/train_peak_live_tensors_mb", "metrics.mem/peak_live_tensors_mb"),
     "process_peak_rss_mb": ("metrics.mem/process_peak_rss_mb",),
-    "fid": ("metrics.eval/fid",),
-    "kid_mean": ("metrics.eval/kid_mean",),
-    "kid_std": ("metrics.eval/kid_std",),
+    **{col: (f"metrics.eval/{col}",) for col in _QUALITY_OF},
+    # the loop logs the run's average over all timed iterations as the last value
     "it_per_s": ("metrics.perf/it_per_s",),
     "rays_per_s": ("metrics.perf/rays_per_s",),
     "points_per_s": ("metrics.perf/points_per_s",),
 }
-
-
-class MixedExtractorsError(ValueError):
-    """FID/KID values from different feature extractors were asked for on one axis."""
 
 
 # ----------------------------------------------------------------------------- typing
@@ -93,10 +114,9 @@ def coerce_value(text: Any) -> Any:
     if _INT_RE.match(s):
         return int(s)
     try:
-        value = float(s)
+        return float(s)
     except ValueError:
         return text
-    return value
 
 
 def _kind(value: Any) -> str:
@@ -144,17 +164,12 @@ def type_params(df: pd.DataFrame, prefix: str = "params.") -> pd.DataFrame:
 # ----------------------------------------------------------------------------- MLflow
 
 
-def default_tracking_uri() -> str:
-    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-
-
 def resolve_tracking_uri(uri: Optional[str]) -> str:
-    """The project's store by default; relative SQLite paths made absolute."""
+    """The project's store by default; a relative SQLite path made absolute; anything else
+    (``http(s)://`` servers, ``databricks``, ...) as given."""
     if not uri:
         return default_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
-    return uri
+    return resolve_storage_url(uri) if uri.startswith("sqlite:///") else uri
 
 
 def client(uri: Optional[str] = None):
@@ -172,34 +187,54 @@ def tag_filter(tags: Mapping[str, Any]) -> str:
     return " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
 
 
-def _search(cl, experiment_ids: Sequence[str], filter_string: str = "", run_view_type: Optional[int] = None) -> List[Any]:
+def search_runs(cl, experiment_ids: Sequence[str], filter_string: str = "") -> List[Any]:
+    """Every active run matching the filter, oldest first, all pages."""
     from mlflow.entities import ViewType
 
     runs: List[Any] = []
     token = None
     while True:
-        page = cl.search_runs(list(experiment_ids), filter_string=filter_string,
-                              run_view_type=run_view_type or ViewType.ACTIVE_ONLY, max_results=1000,
-                              order_by=["attributes.start_time ASC"], page_token=token)
+        page = cl.search_runs(list(experiment_ids), filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+                              max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
             return runs
 
 
+def all_experiments(cl) -> Dict[str, str]:
+    """experiment id -> name of every active experiment, all pages."""
+    out: Dict[str, str] = {}
+    token = None
+    while True:
+        page = cl.search_experiments(max_results=1000, page_token=token)
+        out.update({e.experiment_id: e.name for e in page})
+        token = page.token
+        if not token:
+            return out
+
+
 def _experiment_ids(cl, names: Optional[Iterable[str]] = None, ids: Optional[Iterable[str]] = None) -> Dict[str, str]:
     """experiment id -> name, for the named/identified experiments (all of them when neither)."""
+    if names is None and ids is None:
+        return all_experiments(cl)
     out: Dict[str, str] = {}
     for name in names or ():
         exp = cl.get_experiment_by_name(name)
         if exp is None:
-            raise LookupError(f"no MLflow experiment named {name!r} in {cl.tracking_uri}")
+            raise LookupError(f"no MLflow experiment named {name!r} in {redact(cl.tracking_uri)}")
         out[exp.experiment_id] = exp.name
     for eid in ids or ():
         out[str(eid)] = cl.get_experiment(str(eid)).name
-    if names is None and ids is None:
-        out = {e.experiment_id: e.name for e in cl.search_experiments()}
     return out
+
+
+def _last_step(run) -> Optional[int]:
+    """The highest step among the run's latest metric values, ``system/*`` left out (MLflow's
+    system-metrics monitor counts its samples there, not training iterations). ``_metric_objs``
+    holds the latest values with their steps for runs from every store, the REST one included."""
+    steps = [int(m.step) for m in getattr(run.data, "_metric_objs", None) or [] if not m.key.startswith("system/")]
+    return max(steps) if steps else None
 
 
 def runs_to_frame(runs: Sequence[Any], experiment_names: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
@@ -216,9 +251,8 @@ def runs_to_frame(runs: Sequence[Any], experiment_names: Optional[Mapping[str, s
             "start_time": info.start_time,
             "end_time": info.end_time,
             "parent_run_id": data.tags.get("mlflow.parentRunId"),
+            "last_step": _last_step(run),
         }
-        steps = [int(m.step) for m in getattr(data, "_metric_objs", None) or []]
-        row["last_step"] = max(steps) if steps else None
         row.update({f"params.{k}": v for k, v in data.params.items()})
         row.update({f"metrics.{k}": float(v) for k, v in data.metrics.items()})
         row.update({f"tags.{k}": v for k, v in data.tags.items()})
@@ -239,23 +273,35 @@ def runs_to_frame(runs: Sequence[Any], experiment_names: Optional[Mapping[str, s
     return add_derived(df)
 
 
+def _untyped(name: str, n: int, idx) -> pd.Series:
+    if name in _TEXT_COLUMNS:
+        return pd.Series([None] * n, index=idx, dtype=object)
+    return pd.Series([math.nan] * n, index=idx, dtype="float64")
+
+
+def _separate_legacy_quality(new: Dict[str, pd.Series]) -> None:
+    """Runs logged before metric names carried their extractor wrote random-feature numbers as
+    ``eval/fid``/``eval/kid_*``. For a run whose ``fid_extractor`` says random features and that
+    has no ``eval/fid_rf``, move them to the ``*_rf`` columns, so ``fid`` stays Inception-only."""
+    legacy = (new["fid_extractor"] == RANDOM_FEATURES) & new[QUALITY_COLUMNS[RANDOM_FEATURES][0]].isna()
+    for plain, rf in zip(QUALITY_COLUMNS[INCEPTION], QUALITY_COLUMNS[RANDOM_FEATURES]):
+        new[rf] = new[rf].where(~legacy, new[plain])
+        new[plain] = new[plain].where(~legacy)
+
+
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy with short columns (``fid``, ``peak_memory_mb``, ``batch_size``, ...) taken from
+    """A copy with short columns (``fid_rf``, ``peak_memory_mb``, ``batch_size``, ...) taken from
     params/metrics/tags (missing sources give missing values)."""
     n, idx = len(df), df.index
     new: Dict[str, pd.Series] = {}
     for name, sources in _DERIVED.items():
-        col = next((s for s in sources if s in df.columns), None)
-        if col is not None:
-            new[name] = df[col]
-        elif name in df.columns:
-            new[name] = df[name]
-        elif name in ("exp", "device", "fid_extractor", "amp_policy", "amp_dtype", "ccsr_mode"):
-            new[name] = pd.Series([None] * n, index=idx, dtype=object)
-        else:
-            new[name] = pd.Series([math.nan] * n, index=idx, dtype="float64")
-    reason = df["tags.failure_reason"] if "tags.failure_reason" in df.columns else \
-        df["failure_reason"] if "failure_reason" in df.columns else pd.Series([None] * n, index=idx, dtype=object)
+        col = next((s for s in sources if s in df.columns), name if name in df.columns else None)
+        new[name] = df[col] if col is not None else _untyped(name, n, idx)
+    for col in _QUALITY_OF:
+        new[col] = pd.to_numeric(new[col], errors="coerce").astype("float64")
+    _separate_legacy_quality(new)
+    reason = next((df[c] for c in ("tags.failure_reason", "failure_reason") if c in df.columns),
+                  pd.Series([None] * n, index=idx, dtype=object))
     new["failure_reason"] = reason.astype(object).where(reason.notna() & (reason != ""), None)
     new["amp"] = new["amp_policy"].map(lambda p: None if not isinstance(p, str) else p != "off").astype("boolean")
     is_cuda = new["device"].map(lambda d: isinstance(d, str) and d not in ("cpu", ""))
@@ -270,8 +316,10 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
     # the loop logs its final metrics at the last iteration it reached
     last = df["last_step"] if "last_step" in df.columns else pd.Series([None] * n, index=idx)
     new["iterations"] = pd.to_numeric(last, errors="coerce").astype("Int64")
-    out = pd.concat([df.drop(columns=[c for c in new if c in df.columns]), pd.DataFrame(new, index=idx)], axis=1)
-    return out
+    new["timed_iterations"] = pd.Series([timed_iterations(i, k) for i, k in zip(new["iterations"],
+                                                                               new["track_peak_every"])],
+                                        index=idx, dtype="Int64")
+    return pd.concat([df.drop(columns=[c for c in new if c in df.columns]), pd.DataFrame(new, index=idx)], axis=1)
 
 
 def load_runs(
@@ -293,7 +341,7 @@ def load_runs(
     names = _experiment_ids(cl, experiments, experiment_ids)
     clauses = [c for c in (filter_string, tag_filter(tags or {}),
                            tag_filter({"mlflow.parentRunId": parent_run_id}) if parent_run_id else "") if c]
-    runs = _search(cl, list(names), " and ".join(clauses)) if names else []
+    runs = search_runs(cl, list(names), " and ".join(clauses)) if names else []
     df = runs_to_frame(runs, names)
     if not include_reports and f"tags.{REPORT_TAG}" in df.columns:
         df = df[df[f"tags.{REPORT_TAG}"].isna()]
@@ -325,231 +373,65 @@ def metric_histories(run_ids: Iterable[str], keys: Iterable[str], uri: Optional[
     return pd.concat(frames, ignore_index=True)[["run_id", "key", "step", "value", "timestamp"]]
 
 
-# ----------------------------------------------------------------------------- extractors
+# ----------------------------------------------------------------------------- what a column means
 
 
-def _quality_rows(df: pd.DataFrame, column: str) -> pd.DataFrame:
-    if column not in df.columns:
-        raise KeyError(f"no column {column!r}")
-    return df[df[column].notna()]
-
-
-def extractors(df: pd.DataFrame, column: str = "fid") -> List[str]:
-    """Distinct feature extractors among the rows that have a value in ``column``
-    (``"unknown"`` for rows without a ``fid_extractor`` tag)."""
-    rows = _quality_rows(df, column)
-    return sorted({str(e) if isinstance(e, str) and e else "unknown" for e in rows["fid_extractor"]})
-
-
-def require_one_extractor(df: pd.DataFrame, column: str = "fid") -> Optional[str]:
-    """The single extractor behind ``column``'s values; raises :class:`MixedExtractorsError` if
-    the rows mix extractors (None when no row has a value)."""
-    found = extractors(df, column)
-    if len(found) > 1:
-        raise MixedExtractorsError(
-            f"{column} values come from different feature extractors {found}; they are different scales and "
-            "must not share an axis: use split_by_extractor() or pick one with quality(df, extractor=...)")
+def extractor_of(column: str) -> Optional[str]:
+    """The feature extractor behind a quality column (``fid_rf`` -> ``random-features``,
+    ``kid_mean`` -> ``inception-v3-compat``), None for any other column."""
+    found = _QUALITY_OF.get(column.split("/")[-1])
     return found[0] if found else None
 
 
-def split_by_extractor(df: pd.DataFrame, column: str = "fid") -> Dict[str, pd.DataFrame]:
-    """Rows with a value in ``column``, one frame per feature extractor."""
-    rows = _quality_rows(df, column)
-    key = rows["fid_extractor"].map(lambda e: str(e) if isinstance(e, str) and e else "unknown")
-    return {name: group.copy() for name, group in rows.groupby(key, sort=True)}
+def quality_label(column: str) -> str:
+    """Axis/table words for a quality column: ``FID (random features)``; the column itself otherwise."""
+    found = _QUALITY_OF.get(column.split("/")[-1])
+    if found is None:
+        return column
+    extractor, name = found
+    what = {"fid": "FID", "kid_mean": "KID (subset mean)", "kid_std": "KID (subset std)"}[name]
+    return f"{what} ({EXTRACTOR_NAMES[extractor]})"
 
 
-def quality(df: pd.DataFrame, column: str = "fid", extractor: Optional[str] = None) -> pd.Series:
-    """``column`` for one extractor: the named one (other rows dropped) or the only one present
-    (raises :class:`MixedExtractorsError` when several are present and none is named)."""
-    rows = _quality_rows(df, column)
-    if extractor is None:
-        require_one_extractor(rows, column)
-        return rows[column]
-    return rows.loc[rows["fid_extractor"] == extractor, column]
+def quality_present(df: pd.DataFrame) -> List[str]:
+    """The FID columns (``fid_rf``, ``fid``) that hold a value in some row, in that order."""
+    cols = [QUALITY_COLUMNS[e][0] for e in EXTRACTOR_NAMES]
+    return [c for c in cols if c in df.columns and df[c].notna().any()]
 
 
-def comparable_groups(df: pd.DataFrame, quality_column: Optional[str] = "fid",
-                      memory_column: Optional[str] = "peak_memory_mb") -> Dict[tuple, pd.DataFrame]:
-    """Rows split so that each group shares one memory measure and one FID extractor:
-    ``{(memory_measure, extractor): frame}`` (rows lacking one of the values go to a group
-    whose key holds None there)."""
-    measure = df["peak_memory_measure"] if memory_column else pd.Series([None] * len(df), index=df.index)
-    if quality_column:
-        extractor = df.apply(lambda r: (str(r["fid_extractor"]) if isinstance(r["fid_extractor"], str)
-                                        and r["fid_extractor"] else "unknown")
-                             if pd.notna(r[quality_column]) else None, axis=1) if len(df) else measure
-    else:
-        extractor = pd.Series([None] * len(df), index=df.index)
-    def clean(values: pd.Series) -> List[Any]:
-        return [None if v is None or (not isinstance(v, str) and pd.isna(v)) else v for v in values]
-
-    keys = list(zip(clean(measure), clean(extractor)))
-    groups: Dict[tuple, List[int]] = {}
-    for idx, key in zip(df.index, keys):
-        groups.setdefault(key, []).append(idx)
-    return {key: df.loc[idx] for key, idx in groups.items()}
+def timed_iterations(iterations: Any, track_peak_every: Any) -> Any:
+    """How many of a run's ``iterations`` the loop timed (``perf/it_per_s``): all but those the
+    live-tensor tracker measured, the first two and every ``track_peak_every``-th (iteration
+    index 0, k, 2k, ...), as in ``grafccsr/training/loop.py``. A resumed run's first two
+    iterations after the resume are tracked too: its count is at most 2 high per resume.
+    ``pd.NA`` when either input is missing."""
+    if pd.isna(iterations) or pd.isna(track_peak_every):
+        return pd.NA
+    n, k = int(iterations), int(track_peak_every)
+    if k <= 0 or n <= 0:
+        return max(n, 0)
+    multiples_from_2 = (n - 1) // k - (1 if k == 1 else 0)  # k * j in [2, n - 1]
+    return n - min(n, 2) - max(multiples_from_2, 0)
 
 
-# ----------------------------------------------------------------------------- Optuna
+def measured_throughput(df: pd.DataFrame) -> pd.Series:
+    """``it_per_s`` where it rests on at least :data:`MIN_TIMED_ITERATIONS` timed iterations,
+    missing elsewhere (rows whose count is unknown keep their value)."""
+    values = pd.to_numeric(df["it_per_s"], errors="coerce").astype("float64") if "it_per_s" in df.columns \
+        else pd.Series(math.nan, index=df.index, dtype="float64")
+    if "timed_iterations" not in df.columns:
+        return values
+    timed = pd.to_numeric(df["timed_iterations"], errors="coerce")
+    return values.where(timed.isna() | (timed >= MIN_TIMED_ITERATIONS))
 
 
-def default_storage_url() -> str:
-    return f"sqlite:///{PROJECT_ROOT / 'sweeps' / 'optuna.db'}"
-
-
-def _storage(url: Optional[str]):
-    """An Optuna storage for ``url`` (SQLite/RDB URL or ``journal:<file>``); None when it is a
-    local file that does not exist (so that looking never creates a database)."""
-    url = url or default_storage_url()
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):]).expanduser()
-        if not path.exists():
-            return None
-        import optuna
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        path = Path(url[len("sqlite:///"):]).expanduser()
-        if not path.exists():
-            return None
-        return f"sqlite:///{path.resolve()}"
-    return url
-
-
-def study_names(storage: Optional[str] = None) -> List[str]:
-    store = _storage(storage)
-    if store is None:
-        return []
-    import optuna
-
-    try:
-        return [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
-    except Exception:  # noqa: BLE001 - an unreadable storage has no studies for us
-        return []
-
-
-def load_study(name: str, storage: Optional[str] = None):
-    """The Optuna study, or None when the storage or the study does not exist."""
-    store = _storage(storage)
-    if store is None:
-        return None
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=name, storage=store)
-    except KeyError:
-        return None
-
-
-def trials_frame(study) -> pd.DataFrame:
-    """One row per trial: ``trial_number``, ``trial_state``, ``trial_feasible``,
-    ``objective.<metric>`` (when the study records its objectives as the sweep driver's
-    ``objectives`` attr or in order ``objective.0``...), ``trial_params.<k>``,
-    ``trial_attrs.<k>`` and ``mlflow_run_id``."""
-    objectives = _objective_names(study)
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        row: Dict[str, Any] = {"trial_number": t.number, "trial_state": t.state.name,
-                               "trial_feasible": all(v <= 0 for v in (t.constraints or {}).values())
-                               if hasattr(t, "constraints") else True}
-        values = t.values or []
-        for i, value in enumerate(values):
-            row[f"objective.{objectives[i] if i < len(objectives) else i}"] = value
-        row.update({f"trial_params.{k}": v for k, v in t.params.items()})
-        row.update({f"trial_attrs.{k}": v for k, v in t.user_attrs.items()
-                    if isinstance(v, (str, int, float, bool)) or v is None})
-        row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _objective_names(study) -> List[str]:
-    attrs = study.user_attrs
-    objs = attrs.get("objectives")
-    if isinstance(objs, list):
-        return [o.get("metric", str(i)) if isinstance(o, dict) else str(o) for i, o in enumerate(objs)]
-    names = getattr(study, "metric_names", None)
-    return list(names) if names else []
-
-
-def find_sweep_parent(name: str, uri: Optional[str] = None, study=None) -> Optional[Any]:
-    """The MLflow parent run of a sweep: the study's ``mlflow_parent_run_id`` attr, else the
-    latest run tagged ``sweep_study=<name>`` and ``sweep_role=parent`` in any experiment."""
-    cl = client(uri)
-    if study is not None and study.user_attrs.get("mlflow_parent_run_id"):
-        try:
-            run = cl.get_run(study.user_attrs["mlflow_parent_run_id"])
-            if run.info.lifecycle_stage == "active":
-                return run
-        except Exception:  # noqa: BLE001 - another tracking store
-            pass
-    ids = [e.experiment_id for e in cl.search_experiments()]
-    if not ids:
-        return None
-    found = _search(cl, ids, tag_filter({"sweep_study": name, "sweep_role": "parent"}))
-    return found[-1] if found else None
-
-
-def load_sweep(name: str, uri: Optional[str] = None, storage: Optional[str] = None) -> pd.DataFrame:
-    """The child runs of a sweep joined with its Optuna trials (outer join on the trial's
-    ``mlflow_run_id``; a trial without a run keeps a row, with ``status`` from the trial).
-
-    The frame's ``attrs`` hold ``study_name``, ``parent_run_id`` and ``objectives``.
-    Raises LookupError when neither the study nor a parent run exists."""
-    study = load_study(name, storage)
-    parent = find_sweep_parent(name, uri, study)
-    if study is None and parent is None:
-        raise LookupError(f"no Optuna study {name!r} in {storage or default_storage_url()} and no MLflow run "
-                          f"tagged sweep_study={name!r} in {resolve_tracking_uri(uri)}")
-    runs = load_runs(uri, experiment_ids=[parent.info.experiment_id], parent_run_id=parent.info.run_id) \
-        if parent is not None else runs_to_frame([])
-    if study is not None:
-        trials = trials_frame(study)
-        if len(trials):
-            if len(runs) and "tags.optuna_trial_number" in runs.columns:
-                # runs whose trial lost its mlflow_run_id attr still join through their tag
-                by_tag = dict(zip(pd.to_numeric(runs["tags.optuna_trial_number"], errors="coerce"), runs["run_id"]))
-                trials["mlflow_run_id"] = [rid if isinstance(rid, str) and rid else by_tag.get(num)
-                                           for rid, num in zip(trials["mlflow_run_id"], trials["trial_number"])]
-            runs = runs.merge(trials, how="outer", left_on="run_id", right_on="mlflow_run_id")
-            runs["run_id"] = runs["run_id"].where(runs["run_id"].notna(), runs["mlflow_run_id"])
-            missing = runs["status"].isna()
-            runs.loc[missing, "status"] = runs.loc[missing, "trial_state"].map(
-                {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED", "RUNNING": "RUNNING",
-                 "WAITING": "SCHEDULED"})
-            attr_reason = runs.get("trial_attrs.failure_reason")
-            if attr_reason is not None:
-                runs["failure_reason"] = runs["failure_reason"].where(runs["failure_reason"].notna(), attr_reason)
-            # trial attrs fill what the run lacks (e.g. a trial that never reached MLflow)
-            for col in ("fid", "kid_mean", "kid_std", "it_per_s", "peak_memory_mb", "peak_memory_measure",
-                        "fid_extractor", "device"):
-                attr = f"trial_attrs.{col}"
-                if attr in runs.columns:
-                    runs[col] = runs[col].where(runs[col].notna(), runs[attr])
-            runs = runs.sort_values("trial_number", na_position="last").reset_index(drop=True)
-    runs.attrs.update(study_name=name, parent_run_id=parent.info.run_id if parent is not None else None,
-                      experiment_id=parent.info.experiment_id if parent is not None else None,
-                      objectives=_objectives_with_directions(study, parent))
-    return runs
-
-
-def _objectives_with_directions(study, parent) -> List[Dict[str, str]]:
-    """[{metric, direction}] from the parent run's ``objectives`` param, else the study."""
-    import json
-
-    if parent is not None and "objectives" in parent.data.params:
-        try:
-            return [dict(o) for o in json.loads(parent.data.params["objectives"])]
-        except (ValueError, TypeError):
-            pass
-    if study is not None:
-        names = _objective_names(study) or [f"objective.{i}" for i in range(len(study.directions))]
-        return [{"metric": n, "direction": d.name.lower()} for n, d in zip(names, study.directions)]
-    return [{"metric": "peak_memory_mb", "direction": "minimize"}, {"metric": "fid", "direction": "minimize"}]
-
-
-def experiment_exists(name: str, uri: Optional[str] = None) -> bool:
-    return client(uri).get_experiment_by_name(name) is not None
+def by_memory_measure(df: pd.DataFrame, column: str = "peak_memory_mb") -> Dict[str, pd.DataFrame]:
+    """Rows with a value in ``column``, one frame per memory measure (CUDA reserved and live
+    tensor bytes are different quantities and never share an axis)."""
+    if column not in df.columns:
+        return {}
+    rows = df[df[column].notna()]
+    if column != "peak_memory_mb":  # a specific measure: one group named after it
+        return {column: rows} if len(rows) else {}
+    measure = rows["peak_memory_measure"].map(lambda m: m if isinstance(m, str) and m else "unknown")
+    return {str(m): g for m, g in rows.groupby(measure, sort=True)}

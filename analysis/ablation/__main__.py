@@ -1,0 +1,5 @@
+import sys
+
+from analysis.ablation.launch import main
+
+sys.exit(main())
