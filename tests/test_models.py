@@ -13,7 +13,7 @@ from torch import nn
 from grafccsr.camera import full_grid, pose_matrix, rays_from_grid
 from grafccsr.config import CCSRConfig, DiscriminatorConfig, PatchConfig, PoseConfig, load_config
 from grafccsr.models import build_models, parameter_summary
-from grafccsr.models.ccsr import CCSR, consistency_weight
+from grafccsr.models.ccsr import CCSR, GrafCCSR, consistency_weight
 from grafccsr.models.discriminator import PatchDiscriminator
 from grafccsr.models.field import PositionalEncoding, RadianceField
 from grafccsr.models.poses import poses_from_labels, sample_random_poses
@@ -75,6 +75,61 @@ def test_cameras_sit_on_the_sphere_and_look_at_origin(v):
 
 
 # --------------------------------------------------------------------------- patches
+
+
+@pytest.mark.parametrize("side", [16, 32])
+def test_point_sampled_reals_match_a_perfect_generator(side):
+    """Real and fake patches are sampled alike: a perfect generator (the embedded scene traced
+    at the patch's rays, one ray per patch pixel) matches the point-sampled real patch within
+    0.035 mean absolute error in [-1, 1] units, at every patch scale (what remains is the
+    data's own 2x2 supersampling and the bilinear lookup). Box-filtered reals (the old
+    ``antialias``) are at least 1.5x further on whole-image patches."""
+    from grafccsr.config import CameraConfig
+    from grafccsr.data.synthetic import class_styles, render_views, shade_rays
+
+    cam, gen, n = CameraConfig(), torch.Generator().manual_seed(0), 16
+    u, v = torch.rand(n, generator=gen), 0.2 + 0.3 * torch.rand(n, generator=gen)
+    for low, high in ((0.9, 1.0), (0.5, 0.6), (0.25, 0.3)):
+        sampler = PatchSampler(PatchConfig(rays_per_patch=side * side, min_scale=low, max_scale=high,
+                                           min_scale_cap=low))
+        errors = {True: 0.0, False: 0.0}
+        for style in class_styles(2, 0):
+            real = render_views(style, u, v, 64, 2, cam) * 2 - 1
+            grid, _ = sampler.sample(n, 10**6, "cpu", gen)
+            origins, dirs = rays_from_grid(pose_matrix(u, v, cam.radius), grid, cam.fov_deg)
+            traced = shade_rays(style, origins.reshape(-1, 3), dirs.reshape(-1, 3), cam.near, cam.far)
+            perfect = traced.view(n, side, side, 3).permute(0, 3, 1, 2) * 2 - 1
+            for antialias in errors:
+                errors[antialias] += (sample_patches(real, grid, antialias=antialias) - perfect).abs().mean().item() / 2
+        assert errors[False] <= 0.035, (side, low, errors)
+        if low == 0.9:
+            assert errors[True] >= 1.5 * errors[False], (side, errors)
+
+
+@pytest.mark.parametrize("sampling", ["full", "multiscale"])
+def test_align_corners_grids_read_the_originals_image_points(sampling):
+    """With ``align_corners`` the grid is GRAF's linspace(-1, 1, P) read with align_corners=True:
+    our (align_corners=False) grid samples the same image points, at every scale and shift,
+    and at P = image size a whole-image patch is the image itself, as without it."""
+    cfg = PatchConfig(rays_per_patch=256, sampling=sampling, min_scale=0.3)
+    images = torch.randn(2, 3, 40, 40)
+    gen = torch.Generator().manual_seed(0)
+    grid, scale = PatchSampler(dataclasses.replace(cfg, align_corners=True), image_size=40).sample(2, 10**6, "cpu", gen)
+    gen.manual_seed(0)
+    plain, _ = PatchSampler(cfg).sample(2, 10**6, "cpu", gen)
+    # the original's grid: linspace(-1, 1, 16) * scale + shift, which is what ``plain`` holds up to
+    # the linspace-vs-cell-centre spacing; rebuild it from the same draws
+    shift = plain.mean(dim=(1, 2))
+    coords = torch.linspace(-1, 1, 16)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    original = torch.stack((xx, yy), -1)[None] * scale[:, None, None, None] + shift[:, None, None, :]
+    ours = sample_patches(images, grid)
+    theirs = F.grid_sample(images, original, mode="bilinear", padding_mode="border", align_corners=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)  # float32 coordinates
+    full = PatchSampler(PatchConfig(rays_per_patch=1600, sampling="full", align_corners=True), image_size=40)
+    torch.testing.assert_close(sample_patches(images, full.sample(2, 0, "cpu")[0]), images, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image_size"):
+        PatchSampler(dataclasses.replace(cfg, align_corners=True))
 
 
 def test_patch_sampler_scales_anneal_and_stay_in_bounds():
@@ -183,32 +238,86 @@ def _plain_field(field: RadianceField, points, view_dirs, z_shape, z_appearance)
     return torch.sigmoid(field.rgb_head(view)), sigma
 
 
-@pytest.mark.parametrize("sizes", ["+exp=smoke", "model=small", "model=graf"])
-def test_fused_field_equals_the_plain_concatenating_mlp(sizes):
-    """The fused field (per-sample latent matmuls, composed colour layers) is the same
-    function with the same gradients as the plain concatenating MLP, weights shared."""
-    cfg = load_config([sizes, "tracking=none"]).model.field
+@pytest.mark.parametrize("execution", ["fused", "concat"])
+@pytest.mark.parametrize("sizes", ["+exp=smoke", "model=small", "model=graf", "+exp=graf_ccsr_original"])
+def test_fused_field_equals_the_plain_concatenating_mlp(sizes, execution):
+    """Both executions of the field (fused: per-sample latent matmuls, composed colour layers;
+    concat: the original's per-point concatenation) are the same function with the same
+    gradients (parameters and z) as the plain concatenating MLP, weights shared; also
+    graf_ccsr's field (all 256 z dims in the trunk, no appearance code). ``forward_gathered``
+    (points of several samples mixed, each with its owner) is the same function again."""
+    cfg = dataclasses.replace(load_config([sizes, "tracking=none"]).model.field, execution=execution)
     torch.manual_seed(0)
     field = RadianceField(cfg).double()
     for p in field.parameters():  # non-zero biases, so that a dropped bias would show
         p.data.add_(0.05 * torch.randn_like(p))
     points = torch.randn(3, 17, 3, dtype=torch.float64)
     dirs = F.normalize(torch.randn(3, 17, 3, dtype=torch.float64), dim=-1)
-    z_shape = torch.randn(3, cfg.z_shape_dim, dtype=torch.float64)
-    z_app = torch.randn(3, cfg.z_appearance_dim, dtype=torch.float64)
+    z_shape = torch.randn(3, cfg.z_shape_dim, dtype=torch.float64, requires_grad=True)
+    z_app = torch.randn(3, cfg.z_appearance_dim, dtype=torch.float64, requires_grad=True)
 
     def outputs_and_grads(fn):
         field.zero_grad(set_to_none=True)
+        z_shape.grad = z_app.grad = None
         rgb, sigma = fn(field, points, dirs, z_shape, z_app)
         (rgb.pow(2).sum() + sigma.sin().sum()).backward()
-        return rgb.detach(), sigma.detach(), {k: p.grad.clone() for k, p in field.named_parameters()}
+        grads = {k: p.grad.clone() for k, p in field.named_parameters()}
+        grads["z_shape"] = z_shape.grad.clone()
+        if cfg.z_appearance_dim:
+            grads["z_appearance"] = z_app.grad.clone()
+        return rgb.detach(), sigma.detach(), grads
 
-    rgb, sigma, grads = outputs_and_grads(lambda f, *a: f(*a))
+    def gathered(f, points, dirs, z_shape, z_app):  # the points shuffled across samples, then put back
+        order = torch.randperm(3 * 17, generator=torch.Generator().manual_seed(1))
+        owner = torch.arange(3).repeat_interleave(17)[order]
+        rgb, sigma = f.forward_gathered(points.reshape(-1, 3)[order], dirs.reshape(-1, 3)[order], z_shape, z_app, owner)
+        inverse = torch.argsort(order)
+        return rgb[inverse].view(3, 17, 3), sigma[inverse].view(3, 17)
+
     rgb_ref, sigma_ref, grads_ref = outputs_and_grads(_plain_field)
-    torch.testing.assert_close(rgb, rgb_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(sigma, sigma_ref, rtol=1e-10, atol=1e-12)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-11, msg=name)
+    for fn in (lambda f, *a: f(*a), gathered):
+        rgb, sigma, grads = outputs_and_grads(fn)
+        torch.testing.assert_close(rgb, rgb_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sigma, sigma_ref, rtol=1e-10, atol=1e-12)
+        for name in grads_ref:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_original_preset_field_has_graf_ccsr_sizes_and_parameter_count():
+    """graf_ccsr's generator without CCSR at one class: trunk input 63 + 256 = 319, skip input
+    575, colour branch input 256 + 27 = 283, z * LayerNorm(class embedding): 727,684 parameters."""
+    cfg = load_config(["+exp=graf_ccsr_original", "tracking=none"])
+    gen, _ = build_models(cfg, num_classes=1)
+    assert gen.field.trunk[0].in_features == 319 and gen.field.trunk[5].in_features == 575
+    assert gen.field.view_layer.in_features == 283
+    assert sum(p.numel() for name, p in gen.named_parameters() if not name.startswith("ccsr.")) == 727_684
+    assert dict(parameter_summary(gen))["class_norm"] == 512
+
+
+@pytest.mark.parametrize("conditioning", ["add", "scale", "none"])
+def test_class_conditioning_variants_modulate_z_per_sample(conditioning):
+    cfg = smoke_with(f"model.field.class_conditioning={conditioning}")
+    torch.manual_seed(0)
+    gen, _ = build_models(cfg, num_classes=3)
+    z, classes = torch.randn(4, cfg.model.z_dim), torch.tensor([0, 2, 1, 2])
+    z_shape, z_app = gen.condition(z, classes)
+    got = torch.cat([z_shape, z_app], dim=-1)
+    if conditioning == "none":
+        assert gen.class_embedding is None
+        torch.testing.assert_close(got, z)
+        return
+    e = gen.class_embedding.weight[classes]
+    if conditioning == "add":
+        expected = z + e
+    else:
+        with torch.no_grad():
+            gen.class_norm.weight.add_(torch.randn(cfg.model.z_dim))  # a non-trivial affine part
+        z_shape, z_app = gen.condition(z, classes)
+        got = torch.cat([z_shape, z_app], dim=-1)
+        expected = z * F.layer_norm(e, (cfg.model.z_dim,), gen.class_norm.weight, gen.class_norm.bias)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert gen.class_embedding.weight.grad[[0, 1, 2]].abs().sum(dim=1).gt(0).all()
 
 
 # --------------------------------------------------------------------------- renderer
@@ -341,7 +450,70 @@ def test_cem_projects_sr_towards_the_lr_image():
     torch.testing.assert_close(ccsr.enforce_consistency(sr, lr), sr)
 
 
+def _ccsr_original_cfg(**changes) -> CCSRConfig:
+    base = dict(mode="regularizer", variant="graf_ccsr", scale=4, lr_size=8, num_layers=3, hidden_channels=8)
+    return CCSRConfig(**{**base, **changes})
+
+
+def test_graf_ccsr_variant_is_the_originals_per_sample_pipeline():
+    """graf_ccsr's CCSR, written out once by hand for one sample (patch -> 8^2 -> 64^2 || code ->
+    convs -> PixelShuffle(4) -> LeakyReLU, clamp -> bilinear CEM -> patch size), equals the
+    module's output for that sample of a batch; each sample uses its own view's code."""
+    torch.manual_seed(0)
+    ccsr = GrafCCSR(_ccsr_original_cfg(), work_size=64)
+    with torch.no_grad():
+        ccsr.codes.normal_()
+    lr = torch.rand(3, 3, 32, 32) * 2 - 1
+    views = torch.tensor([5, 0, 5])
+    out = ccsr(lr, views)
+    assert out.shape == (3, 3, 32, 32)
+
+    def by_hand(x, view):
+        up = F.interpolate(F.interpolate(x[None], size=8, mode="bilinear"), size=64, mode="bilinear")
+        sr = ccsr.sr_net(torch.cat([up, ccsr.codes[view][None]], dim=1))
+        assert sr.shape == (1, 3, 256, 256)
+        sr = F.leaky_relu(sr, 0.2).clamp(-1, 1)
+        blurred = F.conv2d(F.pad(sr, (1, 1, 1, 1), mode="replicate"), torch.full((3, 1, 3, 3), 1 / 9), groups=3)
+        down = F.interpolate(blurred, size=64, mode="bilinear")
+        sr = sr + 0.5 * F.interpolate(up - down, size=256, mode="bilinear")
+        return F.interpolate(sr, size=32, mode="bilinear")[0]
+
+    for i in range(3):
+        torch.testing.assert_close(out[i], by_hand(lr[i], int(views[i])), atol=1e-5, rtol=1e-5)
+    # the consistency loss takes the patch-sized output as is; gradients reach codes and SR net
+    ccsr_consistency_loss(out, lr).backward()
+    assert all(_nonzero_finite_grads(ccsr).values())
+    assert ccsr.codes.grad[[1, 2, 3, 4, 6, 7]].abs().sum() == 0  # only the used views' codes learn
+
+
+def test_graf_ccsr_variant_needs_regularizer_mode():
+    from grafccsr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.ccsr.variant=graf_ccsr needs model.ccsr.mode=regularizer"):
+        smoke_with("model.ccsr.mode=discriminator", "model.ccsr.variant=graf_ccsr")
+
+
 # --------------------------------------------------------------------------- discriminator
+
+
+@pytest.mark.parametrize("size,channels,params", [(32, [128, 256, 512], 2_647_808), (64, [64, 128, 256, 512], 2_774_912)])
+def test_graf_ccsr_discriminator_variant(size, channels, params):
+    """graf_ccsr's D: the last level has 512 channels whatever the patch size, BatchNorm after
+    every conv including the first, no conv biases, the one-hot channel even with one class,
+    a label head computed on every call (and its logits dropped)."""
+    cfg = load_config(["+exp=graf_ccsr_original", "tracking=none", f"model.patch.rays_per_patch={size * size}"])
+    disc = PatchDiscriminator(cfg.model.discriminator, size, num_classes=1)
+    convs = [m for m in disc.body if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == channels and convs[0].in_channels == 4
+    assert all(isinstance(disc.body[i + 1], nn.BatchNorm2d) for i, m in enumerate(disc.body) if isinstance(m, nn.Conv2d))
+    assert all(m.bias is None for m in disc.modules() if isinstance(m, nn.Conv2d))
+    assert sum(p.numel() for p in disc.parameters()) == params
+    calls = []
+    disc.aux_head.register_forward_hook(lambda *args: calls.append(1))
+    logits, aux = disc(torch.randn(2, 3, size, size), torch.tensor([0, 0]))
+    assert logits.shape == (2,) and aux is None and calls == [1]
+
+
 
 
 @pytest.mark.parametrize("size", [16, 32, 64, 128])

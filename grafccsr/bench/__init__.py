@@ -12,7 +12,11 @@ it a synthetic batch of the right shapes (no dataset needed) and measures
   with the peak counters reset per phase; everywhere the live tensor bytes of
   :class:`~grafccsr.measure.PhaseMemory` (rounded to 512 B like CUDA);
 * rays/s and radiance-field points/s (2 x batch x rays per patch per iteration:
-  the D step's fakes and the G step's fakes);
+  the D step's fakes and the G step's fakes; a hierarchical pass evaluates its coarse
+  samples twice);
+* FLOPs of one more untimed iteration (torch's FlopCounterMode: matmuls and convolutions
+  only, see :mod:`~grafccsr.bench.flops`) and their ratio to the reference's, so that a
+  speed-up reads as less arithmetic or as faster execution;
 * ratios against the grid's first row, the reference (the original graf_ccsr
   preset), measured in the same process on the same device.
 
@@ -23,5 +27,6 @@ and the CUDA memory statistics.
 
 Split by job: :mod:`~grafccsr.bench.grids` (what to measure), :mod:`~grafccsr.bench.runner`
 (measuring) and :mod:`~grafccsr.bench.report` (table, CSV/JSON, MLflow); the command line is
-:mod:`grafccsr.cli.bench`.
+:mod:`grafccsr.cli.bench`; :mod:`~grafccsr.bench.flops` counts FLOPs (also alone, under
+FakeTensorMode: ``python -m grafccsr.bench.flops [overrides]``).
 """

@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from grafccsr.bench.flops import iteration_flops
 from grafccsr.bench.grids import Grid, Row
 from grafccsr.config import load_config
 from grafccsr.measure import PhaseMemory
@@ -58,6 +59,14 @@ class Result:
     est_alloc_mb: float = math.nan
     est_reserved_mb: float = math.nan
     compiled: bool = False
+    changes_maths: bool = False
+    """The row computes another function than the reference (fewer samples, clipped rays, ...)."""
+    flops: float = math.nan
+    """FLOPs of one D + G iteration (torch's FlopCounterMode: matmuls and convolutions only),
+    counted over one more, untimed iteration."""
+    flop_ratio_vs_ref: float = math.nan
+    """flops of this row / flops of the reference row: below 1, less arithmetic; a speed-up
+    beyond 1 / this ratio is execution."""
 
 
 COLUMNS = [f.name for f in Result.__dataclass_fields__.values()]
@@ -143,7 +152,9 @@ class RowRunner:
         r.it_per_s = 1.0 / it
         rays = 2 * cfg.train.batch_size * cfg.model.patch.rays_per_patch  # D-step fakes + G-step fakes
         r.rays_per_s = rays * r.it_per_s
-        r.points_per_s = r.rays_per_s * (cfg.model.render.samples_per_ray + cfg.model.render.importance_samples)
+        # field evaluations: a hierarchical pass evaluates its coarse samples twice; early
+        # termination's savings are not subtracted (they show in the FLOP count)
+        r.points_per_s = r.rays_per_s * self.step.render_settings.field_points_per_ray
 
     def measure_memory(self) -> None:
         """One more, untimed iteration with the memory tracker. Live-tensor tracking runs
@@ -167,6 +178,13 @@ class RowRunner:
         r.cuda_reserved_peak_mb = peaks.get("mem/peak_reserved_mb", math.nan)
         r.peak_mb = r.cuda_reserved_peak_mb if self.device.type == "cuda" else r.live_peak_mb
 
+    def measure_flops(self) -> None:
+        """FLOPs of one more, untimed D + G iteration (real tensors, so early termination's
+        data-dependent savings count)."""
+        self.result.flops = float(iteration_flops(self.step, self.batch, self.iteration))
+        _sync(self.device)
+        self.iteration += 1
+
     def close(self) -> None:
         del self.step, self.batch
 
@@ -178,7 +196,7 @@ def _budgeted(repeats: int, seconds_per_iteration: float, budget_s: float) -> in
 def run_grid(grid: Grid, device: torch.device, *, repeats: int, warmup: int, row_budget_s: float,
              extra: Sequence[str] = (), rows: Optional[Sequence[str]] = None, estimate: bool = False,
              num_classes: Optional[int] = None, interleave: bool = False, clock: str = "wall",
-             log=print) -> List[Result]:
+             flops: bool = True, log=print) -> List[Result]:
     """Measure every row (the reference first); OOM or errors mark a row and go on.
 
     ``interleave`` (CPU): set every row up first, then time the rows round-robin,
@@ -186,28 +204,19 @@ def run_grid(grid: Grid, device: torch.device, *, repeats: int, warmup: int, row
     CPUs) slows all rows alike. Sequential (CUDA): one row at a time, its memory
     freed (``empty_cache``) before the next. ``clock``: ``wall`` (perf_counter) or
     ``process`` (CPU time of this process: with one thread, time other processes
-    take from a shared CPU is not counted; CPU only).
+    take from a shared CPU is not counted; CPU only). ``flops``: count each row's FLOPs over
+    one more untimed iteration (after the memory iteration).
     """
     selected = [r for r in grid.rows if rows is None or r.name in rows or r is grid.rows[0]]
     results: List[Result] = []
     runners: List[Optional[RowRunner]] = []
-
-    def guarded(result: Result, fn) -> bool:
-        try:
-            fn()
-            return True
-        except torch.OutOfMemoryError as err:
-            result.status, result.error = "oom", str(err).splitlines()[0][:300]
-        except Exception as err:  # keep the other rows
-            result.status, result.error = "error", f"{type(err).__name__}: {err}"[:300]
-            traceback.print_exc()
-        return False
+    guarded = _guarded
 
     def setup(row: Row) -> Optional[RowRunner]:
         overrides = ([] if row.replace_base else list(grid.base)) + list(row.overrides) + list(extra)
         shown = " ".join(overrides)
         overrides += ["tracking=none", f"train.device={device.type}"]
-        result = Result(row=row.name, label=row.label, overrides=shown)
+        result = Result(row=row.name, label=row.label, overrides=shown, changes_maths=row.changes_maths)
         results.append(result)
         holder: List[RowRunner] = []
 
@@ -229,13 +238,7 @@ def run_grid(grid: Grid, device: torch.device, *, repeats: int, warmup: int, row
         return holder[0] if guarded(result, build) and holder else None
 
     def finish(runner: Optional[RowRunner], result: Result) -> None:
-        if runner is not None:
-            if result.status == "ok" and guarded(result, runner.summarise):
-                guarded(result, runner.measure_memory)
-            runner.close()
-        _free(device)
-        log(f"[bench] {result.row:<22} {result.status:<5} {result.iter_ms:9.1f} ms/it  "
-            f"peak {result.peak_mb:9.1f} MiB  ({result.repeats} repeats)")
+        _finish(runner, result, device, flops, log)
 
     if interleave:
         runners = [setup(row) for row in selected]
@@ -261,6 +264,31 @@ def run_grid(grid: Grid, device: torch.device, *, repeats: int, warmup: int, row
     return results
 
 
+def _guarded(result: Result, fn) -> bool:
+    """Run ``fn``; an OOM or any error marks ``result`` (and the grid goes on). True if it ran."""
+    try:
+        fn()
+        return True
+    except torch.OutOfMemoryError as err:
+        result.status, result.error = "oom", str(err).splitlines()[0][:300]
+    except Exception as err:  # keep the other rows
+        result.status, result.error = "error", f"{type(err).__name__}: {err}"[:300]
+        traceback.print_exc()
+    return False
+
+
+def _finish(runner: Optional[RowRunner], result: Result, device: torch.device, flops: bool, log) -> None:
+    """Summarise a row's timings, then its memory and FLOP iterations; free it and log a line."""
+    if runner is not None:
+        if result.status == "ok" and _guarded(result, runner.summarise):
+            if _guarded(result, runner.measure_memory) and flops:
+                _guarded(result, runner.measure_flops)
+        runner.close()
+    _free(device)
+    log(f"[bench] {result.row:<22} {result.status:<5} {result.iter_ms:9.1f} ms/it  "
+        f"peak {result.peak_mb:9.1f} MiB  {result.flops / 1e9:10.2f} GFLOP/it  ({result.repeats} repeats)")
+
+
 def _ratios(results: List[Result]) -> None:
     ref = results[0] if results else None
     for r in results:
@@ -268,3 +296,4 @@ def _ratios(results: List[Result]) -> None:
             continue
         r.speedup_vs_ref = r.it_per_s / ref.it_per_s
         r.mem_ratio_vs_ref = r.peak_mb / ref.peak_mb if ref.peak_mb > 0 else math.nan
+        r.flop_ratio_vs_ref = r.flops / ref.flops if ref.flops > 0 else math.nan

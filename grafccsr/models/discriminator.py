@@ -22,6 +22,12 @@ class PatchDiscriminator(nn.Module):
     With ``class_conditioning`` and more than one class, the class one-hot enters as
     constant extra input channels. With ``aux_classifier``, a second 4x4 head gives
     ``sum(n_each_task)`` logits (one task over the classes if ``n_each_task`` is empty).
+
+    ``cfg.variant == "graf_ccsr"`` builds the original's D instead: channels ending at
+    ``max_channels`` on the last level (halving towards the input), the norm after every conv
+    including the first, no conv biases, the one-hot channels whenever ``class_conditioning``
+    (even with one class), and the label head (the aux head) built and computed on every call;
+    its logits are returned only with ``aux_classifier``.
     """
 
     def __init__(self, cfg: DiscriminatorConfig, input_size: int, num_classes: int):
@@ -34,21 +40,30 @@ class PatchDiscriminator(nn.Module):
         self.cfg = cfg
         self.input_size = input_size
         self.num_classes = num_classes
-        self.class_channels = num_classes if (cfg.class_conditioning and num_classes > 1) else 0
+        original = cfg.variant == "graf_ccsr"
+        self._bias = not original
+        one_hot = cfg.class_conditioning and (num_classes > 1 or original)
+        self.class_channels = num_classes if one_hot else 0
         self._n_each_task = list(cfg.n_each_task) or [num_classes]
+        self.label_head_unused = original and not cfg.aux_classifier
 
         blocks: list[nn.Module] = []
         in_channels, size, level = 3 + self.class_channels, input_size, 0
+        levels = (input_size // 4).bit_length() - 1  # stride-2 convs from S down to 4
         while size > 4:
-            out_channels = min(cfg.base_channels * 2**level, cfg.max_channels)
+            if original:  # the last level has max_channels, each earlier one half as many
+                out_channels = max(1, cfg.max_channels >> (levels - 1 - level))
+            else:
+                out_channels = min(cfg.base_channels * 2**level, cfg.max_channels)
             blocks.append(self._conv(in_channels, out_channels, 4, 2, 1))
-            if level > 0:
+            if level > 0 or original:
                 blocks.append(self._norm(out_channels))
             blocks.append(nn.LeakyReLU(0.2))
             in_channels, size, level = out_channels, size // 2, level + 1
         self.body = nn.Sequential(*blocks)
         self.head = self._conv(in_channels, 1, 4, 1, 0)
-        self.aux_head = self._conv(in_channels, sum(self._n_each_task), 4, 1, 0) if cfg.aux_classifier else None
+        with_aux = cfg.aux_classifier or original
+        self.aux_head = self._conv(in_channels, sum(self._n_each_task), 4, 1, 0) if with_aux else None
 
     @property
     def n_each_task(self) -> list[int]:
@@ -56,7 +71,7 @@ class PatchDiscriminator(nn.Module):
         return list(self._n_each_task)
 
     def _conv(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> nn.Module:
-        conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding)
+        conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=self._bias)
         return spectral_norm(conv) if self.cfg.spectral_norm else conv
 
     def _norm(self, channels: int) -> nn.Module:
@@ -76,4 +91,6 @@ class PatchDiscriminator(nn.Module):
         features = self.body(x)
         logits = self.head(features).flatten(1).squeeze(1)
         aux_logits = self.aux_head(features).flatten(1) if self.aux_head is not None else None
+        if self.label_head_unused:  # graf_ccsr computed its label head on every call and used none of it
+            aux_logits = None
         return logits, aux_logits

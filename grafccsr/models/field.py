@@ -36,7 +36,9 @@ class RadianceField(nn.Module):
     Trunk: ``depth`` ReLU layers of ``width`` on PE(xyz) || z_shape, the trunk input
     concatenated again after each layer in ``skips``; density head on the trunk;
     colour branch: feature layer || PE(view dir) || z_appearance -> ``view_width``
-    -> rgb (sigmoid).
+    -> rgb (sigmoid). ``z_appearance_dim`` may be 0 (graf_ccsr: all of z in the trunk).
+    ``cfg.execution`` picks how it is computed (``fused`` or the original's per-point
+    ``concat``); the function and the parameters are the same.
     """
 
     def __init__(self, cfg: FieldConfig):
@@ -64,32 +66,71 @@ class RadianceField(nn.Module):
         """points, view_dirs (unit): (B, N, 3); z_shape (B, Zs); z_appearance (B, Za).
 
         Returns rgb (B, N, 3) in [0, 1] and raw density sigma (B, N) (before ReLU/noise).
-
-        The same function as concatenating the inputs (class docstring), computed
-        without the per-point copies: every layer that reads the latent code splits
-        its weight by input columns, so ``W [pe; z] = W_pe pe + W_z z`` with the
-        ``W_z z`` term computed once per sample (each sample's code is broadcast over
-        its own points only; graf_ccsr's ``.repeat`` interleaved codes across the
-        batch); the skip layer accumulates its two matmuls in place instead of
-        concatenating; the linear ``feature`` layer and the colour branch's first
-        layer are composed into one weight (no activation lies between them); the
-        density head shares that matmul. Parameters and gradients are unchanged.
+        Each sample's code is broadcast over its own points only (graf_ccsr's ``.repeat``
+        interleaved codes across the batch).
         """
         b, n, _ = points.shape
-        pe = self.xyz_encoding(points).reshape(b * n, -1)  # (BN, Dpe); needs no gradient
+        rgb, sigma_raw = self._rows(points.reshape(b * n, 3), view_dirs.reshape(b * n, 3), z_shape, z_appearance,
+                                    lambda per_sample: _per_point(per_sample, n))
+        return rgb.view(b, n, 3), sigma_raw.view(b, n)
+
+    def forward_gathered(
+        self, points: torch.Tensor, view_dirs: torch.Tensor, z_shape: torch.Tensor, z_appearance: torch.Tensor,
+        owner: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points of several samples mixed: points, view_dirs (M, 3); owner (M,) int64, the
+        sample (row of z_shape (B, Zs) and z_appearance (B, Za)) each point belongs to.
+        Returns rgb (M, 3) and raw sigma (M,). What a renderer that drops finished rays calls:
+        the per-sample terms are still computed once per sample, then gathered."""
+        return self._rows(points, view_dirs, z_shape, z_appearance,
+                          lambda per_sample: per_sample.index_select(0, owner))
+
+    def _rows(self, points, view_dirs, z_shape, z_appearance, expand):
+        """(M, 3) points -> rgb (M, 3), sigma (M,); ``expand`` turns a per-sample (B, C) tensor
+        into a NEW (M, C) tensor of each point's row (it may be written in place)."""
+        if self.cfg.execution == "concat":
+            return self._concat(points, view_dirs, expand(z_shape), expand(z_appearance))
+        return self._fused(points, view_dirs, z_shape, z_appearance, expand)
+
+    def _concat(self, points, view_dirs, z_shape_rows, z_appearance_rows):
+        """The plain way, as graf_ccsr computed it: every input concatenated per point, the
+        trunk input concatenated again after each skip, a linear feature layer, then
+        feature || PE(dir) || z_appearance into the colour branch."""
+        x_in = torch.cat([self.xyz_encoding(points), z_shape_rows.to(points.dtype)], dim=-1)
+        h = x_in
+        for i, layer in enumerate(self.trunk):
+            h = torch.relu(layer(h))
+            if i in self.skips:
+                h = torch.cat([x_in.to(h.dtype), h], dim=-1)
+        sigma_raw = self.density_head(h).squeeze(-1)
+        feature = self.feature(h)
+        view_in = torch.cat([feature, self.dir_encoding(view_dirs).to(feature.dtype),
+                             z_appearance_rows.to(feature.dtype)], dim=-1)
+        view = torch.relu(self.view_layer(view_in))
+        return torch.sigmoid(self.rgb_head(view)), sigma_raw
+
+    def _fused(self, points, view_dirs, z_shape, z_appearance, expand):
+        """The same function as :meth:`_concat`, computed without the per-point copies: every
+        layer that reads the latent code splits its weight by input columns, so
+        ``W [pe; z] = W_pe pe + W_z z`` with the ``W_z z`` term computed once per sample; the
+        skip layer accumulates its two matmuls in place instead of concatenating; the linear
+        ``feature`` layer and the colour branch's first layer are composed into one weight (no
+        activation lies between them); the density head shares that matmul. Parameters and
+        gradients are unchanged."""
+        pe = self.xyz_encoding(points)  # (M, Dpe); needs no gradient
         pe_dim, zs_dim = self.xyz_encoding.out_dim, z_shape.shape[-1]
         h = None
         for i, layer in enumerate(self.trunk):
             weight, bias = layer.weight, layer.bias
             if h is None or (i - 1) in self.skips:  # input = [pe, z_shape] (+ h after a skip)
                 per_sample = F.linear(z_shape, weight[:, pe_dim:pe_dim + zs_dim], bias)  # (B, W)
-                out = _per_point(per_sample, n)  # like addmm's bias: the output starts as the broadcast term
+                out = expand(per_sample)  # like addmm's bias: the output starts as the broadcast term
                 out.addmm_(pe.to(out.dtype), weight[:, :pe_dim].t().to(out.dtype))
                 if h is not None:
                     out.addmm_(h, weight[:, pe_dim + zs_dim:].t().to(out.dtype))
             else:
                 out = layer(h)
-            h = torch.relu_(out)  # (BN, W); in place: Linear's backward does not need its output
+            h = torch.relu_(out)  # (M, W); in place: Linear's backward does not need its output
         # colour branch: view_layer(concat(feature(h), PE(dir), z_app)), feature linear -> composed
         w_view = self.view_layer.weight
         width, dir_dim = self.cfg.width, self.dir_encoding.out_dim
@@ -97,13 +138,17 @@ class RadianceField(nn.Module):
             composed = torch.mm(w_view[:, :width], self.feature.weight)  # (Vw, W)
             view_bias = torch.addmv(self.view_layer.bias, w_view[:, :width], self.feature.bias)
         heads = torch.cat([self.density_head.weight, composed], dim=0)  # (1 + Vw, W)
-        out = torch.mm(h, heads.t().to(h.dtype))  # (BN, 1 + Vw)
-        sigma_raw = (out[:, 0] + self.density_head.bias.to(out.dtype)).view(b, n)
-        view = _per_point(F.linear(z_appearance, w_view[:, width + dir_dim:], view_bias).to(out.dtype), n)
+        out = torch.mm(h, heads.t().to(h.dtype))  # (M, 1 + Vw)
+        sigma_raw = out[:, 0] + self.density_head.bias.to(out.dtype)
+        if z_appearance.shape[-1] > 0:
+            per_sample = F.linear(z_appearance, w_view[:, width + dir_dim:], view_bias)
+        else:  # no appearance code (graf_ccsr): the branch's bias alone
+            per_sample = view_bias.expand(z_appearance.shape[0], -1).contiguous()  # a real (B, Vw) tensor
+        view = expand(per_sample.to(out.dtype))
         view.add_(out[:, 1:])
-        dirs = self.dir_encoding(view_dirs).reshape(b * n, -1)
+        dirs = self.dir_encoding(view_dirs)
         view.addmm_(dirs.to(view.dtype), w_view[:, width:width + dir_dim].t().to(view.dtype))
-        view = torch.relu_(view).view(b, n, -1)
+        view = torch.relu_(view)
         rgb = torch.sigmoid(self.rgb_head(view))
         return rgb, sigma_raw
 

@@ -24,9 +24,16 @@ class PatchSampler:
     ``multiscale``: per sample a scale s ~ U[s_min(it), max_scale] (the fraction of
     the image side the patch spans) and a shift keeping the patch inside the image.
     ``full``: scale 1, no shift, the P x P pixel-centre grid of the whole image.
+
+    ``cfg.align_corners`` (GRAF's and graf_ccsr's convention): the patch's points are
+    ``linspace(-1, 1, P)`` (scaled and shifted) read with ``align_corners=True`` on an image
+    of ``image_size`` pixels, i.e. the outer points on the outermost pixel centres of the
+    region. The grids returned stay in this module's ``align_corners=False`` convention (the
+    camera's and :func:`sample_patches`'s): such a point g becomes g * (W - 1) / W, the same
+    image point, so rays and real patches need nothing else.
     """
 
-    def __init__(self, cfg: PatchConfig):
+    def __init__(self, cfg: PatchConfig, image_size: int | None = None):
         side = math.isqrt(cfg.rays_per_patch)
         if side * side != cfg.rays_per_patch:
             raise ValueError(
@@ -35,8 +42,15 @@ class PatchSampler:
             )
         if cfg.sampling not in ("multiscale", "full"):
             raise ValueError(f"model.patch.sampling={cfg.sampling!r} must be 'multiscale' or 'full'")
+        if cfg.align_corners and not image_size:
+            raise ValueError(
+                "model.patch.align_corners=true needs the image size: build PatchSampler(cfg.model.patch, "
+                "image_size=cfg.data.image_size)"
+            )
         self.cfg = cfg
         self.side = side
+        # align_corners=True point g of a W-pixel image is the align_corners=False point g * (W-1)/W
+        self._corner_factor = (image_size - 1) / image_size if cfg.align_corners else None
 
     def min_scale_at(self, iteration: int) -> float:
         """s_min(it) = min(min_scale_cap, max(min_scale, max_scale * exp(-scale_anneal * (it // anneal_every)))):
@@ -57,16 +71,28 @@ class PatchSampler:
 
         ``generator`` must live on ``device``.
         """
-        base = full_grid(self.side, 1, device=device, dtype=dtype)
+        base = self._base_grid(device, dtype)
         if self.cfg.sampling == "full":
-            return base.expand(batch, -1, -1, -1).clone(), torch.ones(batch, device=device, dtype=dtype)
-        s_min, s_max = self.min_scale_at(iteration), self.cfg.max_scale
-        draws = torch.rand(batch, 3, generator=generator, device=device, dtype=dtype)
-        scale = s_min + (s_max - s_min) * draws[:, 0]
-        # the patch spans [shift - scale, shift + scale] per axis, so |shift| <= 1 - scale keeps it inside
-        shift = (1.0 - scale)[:, None] * (2.0 * draws[:, 1:] - 1.0)
-        grid = base * scale[:, None, None, None] + shift[:, None, None, :]
+            grid, scale = base.expand(batch, -1, -1, -1).clone(), torch.ones(batch, device=device, dtype=dtype)
+        else:
+            s_min, s_max = self.min_scale_at(iteration), self.cfg.max_scale
+            draws = torch.rand(batch, 3, generator=generator, device=device, dtype=dtype)
+            scale = s_min + (s_max - s_min) * draws[:, 0]
+            # the patch spans [shift - scale, shift + scale] per axis, so |shift| <= 1 - scale keeps it inside
+            shift = (1.0 - scale)[:, None] * (2.0 * draws[:, 1:] - 1.0)
+            grid = base * scale[:, None, None, None] + shift[:, None, None, :]
+        if self._corner_factor is not None:
+            grid = grid * self._corner_factor
         return grid, scale
+
+    def _base_grid(self, device, dtype) -> torch.Tensor:
+        """The whole-image P x P grid (1, P, P, 2): pixel-centre cells, or with ``align_corners``
+        ``linspace(-1, 1, P)`` (still in align_corners=True units; see the class docstring)."""
+        if self._corner_factor is None:
+            return full_grid(self.side, 1, device=device, dtype=dtype)
+        coords = torch.linspace(-1.0, 1.0, self.side, device=device, dtype=dtype)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        return torch.stack((xx, yy), dim=-1)[None]
 
 
 def upsample_grid(grid: torch.Tensor, factor: int) -> torch.Tensor:

@@ -54,6 +54,12 @@ class RenderSettings:
     """Points per checkpointed segment."""
     no_grad_segment_points: int
     """Points per field call when no graph is recorded."""
+    bound_radius: float = 0.0
+    """Clip rays to the ball of this radius around the origin (0 = off; ``model.render.bound_radius``)."""
+    termination_transmittance: float = 0.0
+    """Early ray termination threshold for renders without autograd (0 = off)."""
+    termination_chunk: int = 8
+    """Samples per ray between two transmittance checks (with termination)."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RenderSettings":
@@ -65,11 +71,22 @@ class RenderSettings:
             density_noise_decay_iters=render.density_noise_decay_iters, white_background=render.white_background,
             chunk=mem.render_chunk, grad_checkpoint=mem.grad_checkpoint,
             checkpoint_segment_points=mem.checkpoint_segment_points, no_grad_segment_points=mem.no_grad_segment_points,
+            bound_radius=render.bound_radius, termination_transmittance=render.termination_transmittance,
+            termination_chunk=render.termination_chunk,
         )
 
     @property
     def points_per_ray(self) -> int:
+        """Samples per ray in the final render (stratified + importance)."""
         return self.samples_per_ray + self.importance_samples
+
+    @property
+    def field_points_per_ray(self) -> int:
+        """Field evaluations per ray and render: the final render's samples plus, with a
+        hierarchical pass, the coarse pass's (its samples are evaluated twice). Early
+        termination evaluates fewer (data-dependent)."""
+        coarse = self.samples_per_ray if self.importance_samples > 0 else 0
+        return coarse + self.points_per_ray
 
     def noise_std(self, iteration: int | None) -> float:
         """Std of the noise on raw density: linear decay from ``density_noise_std`` at 0 to
@@ -104,6 +121,12 @@ def render_rays(
     points; without autograd the field runs on at most ``no_grad_segment_points`` points at
     a time. ``generator`` draws the jitter and noise.
 
+    ``bound_radius`` > 0 spreads each ray's samples over its part of [near, far] inside that
+    ball (rays that miss it render nothing); ``termination_transmittance`` > 0 stops evaluating
+    a ray once its transmittance falls below it, in renders without autograd on real tensors
+    (:func:`march`). Both keep every shape static on the autograd path, so the renderer traces
+    under FakeTensorMode (termination then renders in full: the estimator's upper bound).
+
     Returns ``rgb`` (B, R, 3) in [-1, 1], ``depth`` (B, R) (expected t, with empty
     space contributing 0: divide by ``acc`` for the depth of what was hit) and
     ``acc`` (B, R) (opacity).
@@ -123,32 +146,71 @@ def render_rays(
 
 def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings, perturb: bool, noise_std: float,
             generator) -> dict[str, torch.Tensor]:
-    depths = stratified_depths(origins, s.near, s.far, s.samples_per_ray, perturb, generator)
+    near, far, active = s.near, s.far, None
+    if s.bound_radius > 0:
+        near, far, active = ray_bounds(origins, directions, s.near, s.far, s.bound_radius)
+    segment_end = far if s.bound_radius > 0 else None  # clipped rays: the last interval ends at the ball
+    terminate = s.termination_transmittance > 0 and not torch.is_grad_enabled() and not _is_fake(origins)
+
+    def render(depths: torch.Tensor, checkpoint_points: int) -> dict[str, torch.Tensor]:
+        if terminate:
+            return march(field, origins, directions, depths, z_shape, z_appearance, s.termination_transmittance,
+                         chunk=s.termination_chunk, segment_points=s.no_grad_segment_points, noise_std=noise_std,
+                         generator=generator, segment_end=segment_end, active=active)
+        rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance, checkpoint_points,
+                                      s.no_grad_segment_points)
+        return composite(rgb, sigma_raw, depths, directions, noise_std, generator, segment_end=segment_end)
+
+    depths = stratified_depths(origins, near, far, s.samples_per_ray, perturb, generator)
     if s.importance_samples > 0:
         # the coarse pass only places the fine samples (its weights are detached), so it
         # needs no graph; its depths are re-rendered with gradient in the merged pass
         with torch.no_grad():
-            rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance,
-                                          no_grad_segment_points=s.no_grad_segment_points)
-            weights = composite(rgb, sigma_raw, depths, directions, noise_std, generator)["weights"]
+            weights = render(depths, 0)["weights"]
         mids = 0.5 * (depths[..., 1:] + depths[..., :-1])
         fine = sample_pdf(mids, weights[..., 1:-1], s.importance_samples, not perturb, generator)
         depths = torch.sort(torch.cat([depths, fine], dim=-1), dim=-1).values
-    rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance,
-                                  s.checkpoint_segment_points if s.grad_checkpoint else 0, s.no_grad_segment_points)
-    out = composite(rgb, sigma_raw, depths, directions, noise_std, generator)
+    out = render(depths, s.checkpoint_segment_points if s.grad_checkpoint else 0)
     colour = out["rgb"]
     if s.white_background:
         colour = colour + (1.0 - out["acc"][..., None])
     return {"rgb": colour * 2.0 - 1.0, "depth": out["depth"], "acc": out["acc"]}
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (the memory estimator's tracing): no values to decide on."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def ray_bounds(origins: torch.Tensor, directions: torch.Tensor, near: float, far: float, radius: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each ray's part of [near, far] inside the ball |x| <= radius around the origin.
+
+    origins, directions (B, R, 3) (t in units of the direction). Returns near, far (B, R, 1) and
+    ``hit`` (B, R) bool. A ray that misses the ball (or meets it only outside [near, far]) gets
+    near = far = ``near``: zero-length intervals, so zero opacity, whatever the field says.
+    """
+    a = (directions * directions).sum(-1)
+    half_b = (origins * directions).sum(-1)
+    c = (origins * origins).sum(-1) - radius * radius
+    disc = half_b * half_b - a * c
+    root = disc.clamp(min=0).sqrt()
+    t_in = ((-half_b - root) / a).clamp(min=near)
+    t_out = ((-half_b + root) / a).clamp(max=far)
+    hit = (disc > 0) & (t_out > t_in)
+    lo = torch.where(hit, t_in, torch.full_like(t_in, near))
+    hi = torch.where(hit, t_out, lo)
+    return lo[..., None], hi[..., None], hit
+
+
 def stratified_depths(
-    origins: torch.Tensor, near: float, far: float, samples_per_ray: int, perturb: bool,
+    origins: torch.Tensor, near: float | torch.Tensor, far: float | torch.Tensor, samples_per_ray: int, perturb: bool,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Depths (B, R, S) evenly spaced on [near, far]; with ``perturb`` one uniform draw
-    per stratum (the interval between neighbouring midpoints)."""
+    """Depths (B, R, S) evenly spaced on [near, far] (floats, or (B, R, 1) per ray); with
+    ``perturb`` one uniform draw per stratum (the interval between neighbouring midpoints)."""
     b, r = origins.shape[:2]
     steps = torch.linspace(0.0, 1.0, samples_per_ray, device=origins.device, dtype=origins.dtype)
     depths = (near + (far - near) * steps).expand(b, r, samples_per_ray)
@@ -193,6 +255,17 @@ def _query_field(field, origins, directions, depths, z_shape, z_appearance, chec
     return rgb.reshape(b, r, s, 3).to(depths.dtype), sigma_raw.reshape(b, r, s).to(depths.dtype)
 
 
+def _deltas(depths: torch.Tensor, directions: torch.Tensor, segment_end: torch.Tensor | None) -> torch.Tensor:
+    """Interval lengths (B, R, S) in world units: to the next sample, and for the last sample to
+    ``segment_end`` (B, R, 1) or, when None, "infinity" (it absorbs what is left)."""
+    deltas = depths[..., 1:] - depths[..., :-1]
+    if segment_end is None:
+        last = torch.full_like(deltas[..., :1], _LAST_DELTA)
+    else:
+        last = (segment_end - depths[..., -1:]).clamp(min=0)
+    return torch.cat([deltas, last], dim=-1) * directions.norm(dim=-1, keepdim=True)
+
+
 def composite(
     rgb: torch.Tensor,
     sigma_raw: torch.Tensor,
@@ -200,17 +273,18 @@ def composite(
     directions: torch.Tensor,
     noise_std: float = 0.0,
     generator: torch.Generator | None = None,
+    *,
+    segment_end: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Alpha-composite samples along rays.
 
     rgb (B, R, S, 3), sigma_raw and depths (B, R, S), directions (B, R, 3).
     alpha_i = 1 - exp(-relu(sigma_i + noise) * delta_i), delta in world units
-    (t-spacing times |direction|); weights_i = alpha_i * prod_{j<i} (1 - alpha_j).
+    (t-spacing times |direction|; the last one reaches ``segment_end`` (B, R, 1), or infinity
+    when None); weights_i = alpha_i * prod_{j<i} (1 - alpha_j).
     Returns weights (B, R, S), rgb (B, R, 3) in [0, 1] (black background), depth and acc (B, R).
     """
-    deltas = depths[..., 1:] - depths[..., :-1]
-    deltas = torch.cat([deltas, torch.full_like(deltas[..., :1], _LAST_DELTA)], dim=-1)
-    deltas = deltas * directions.norm(dim=-1, keepdim=True)
+    deltas = _deltas(depths, directions, segment_end)
     if noise_std > 0:
         noise = torch.randn(sigma_raw.shape, generator=generator, device=sigma_raw.device, dtype=sigma_raw.dtype)
         sigma_raw = sigma_raw + noise * noise_std
@@ -226,6 +300,96 @@ def composite(
         "depth": (weights * depths).sum(dim=-1),
         "acc": weights.sum(dim=-1),
     }
+
+
+@torch.no_grad()
+def march(
+    field: nn.Module,
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    depths: torch.Tensor,
+    z_shape: torch.Tensor,
+    z_appearance: torch.Tensor,
+    threshold: float,
+    *,
+    chunk: int = 8,
+    segment_points: int = 65536,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    segment_end: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`composite` of the field at ``depths`` (B, R, S) with early ray termination.
+
+    Samples are processed front to back, ``chunk`` per ray at a time. Only live rays are
+    evaluated: their points are gathered (of any sample of the batch: the field's
+    ``forward_gathered`` takes each point's owner, other fields are called with one row of z
+    per ray), and their weights scattered back. After each chunk a ray whose transmittance
+    is <= ``threshold`` is dropped; rays with ``active`` (B, R) False never start (rays that
+    miss the bounding ball). The density noise is drawn exactly as :func:`composite` draws it,
+    so the result equals the full render's up to what the dropped samples would have added: at
+    most ``threshold`` in opacity and colour (in [0, 1]) and ``threshold`` x the last depth in
+    depth; skipped samples get weight 0. At most ``segment_points`` points per field call.
+    Real tensors only (data-dependent shapes); no autograd.
+    """
+    b, r, s = depths.shape
+    n, device = b * r, depths.device
+    deltas = _deltas(depths, directions, segment_end).reshape(n, s)
+    noise = None
+    if noise_std > 0:  # the same draw as composite's (same shape, dtype and generator)
+        noise = torch.randn((b, r, s), generator=generator, device=device, dtype=depths.dtype).reshape(n, s) * noise_std
+    t = depths.reshape(n, s)
+    o, d = origins.reshape(n, 3), directions.reshape(n, 3)
+    view = F.normalize(d, dim=-1)
+    owner = torch.arange(b, device=device).repeat_interleave(r)
+    transmittance = torch.ones(n, device=device, dtype=depths.dtype)
+    weights = torch.zeros(n, s, device=device, dtype=depths.dtype)
+    rgb = torch.zeros(n, 3, device=device, dtype=depths.dtype)
+    live = torch.arange(n, device=device) if active is None else active.reshape(n).nonzero().squeeze(1)
+    for s0 in range(0, s, chunk):
+        if live.numel() == 0:
+            break
+        s1 = min(s, s0 + chunk)
+        colour, sigma = _query_live(field, live, t[:, s0:s1], o, d, view, owner, z_shape, z_appearance, segment_points)
+        colour, sigma = colour.to(depths.dtype), sigma.to(depths.dtype)
+        if noise is not None:
+            sigma = sigma + noise[live, s0:s1]
+        alpha = 1.0 - torch.exp(-F.relu(sigma) * deltas[live, s0:s1])
+        # the same exclusive cumprod as composite's, continued from each ray's transmittance so far
+        trans = torch.cumprod(torch.cat([transmittance[live, None], 1.0 - alpha + 1e-10], dim=-1), dim=-1)
+        w = alpha * trans[:, :-1]
+        weights[live, s0:s1] = w
+        transmittance[live] = trans[:, -1]
+        rgb.index_add_(0, live, (w[..., None] * colour).sum(dim=1))
+        live = live[trans[:, -1] > threshold]
+    return {
+        "weights": weights.view(b, r, s),
+        "rgb": rgb.view(b, r, 3),
+        "depth": (weights * t).sum(dim=-1).view(b, r),
+        "acc": weights.sum(dim=-1).view(b, r),
+    }
+
+
+def _query_live(field, live, t, o, d, view, owner, z_shape, z_appearance, segment_points):
+    """The field at the live rays' depths ``t[live]`` (L, k): colour (L, k, 3), raw density (L, k),
+    at most ``segment_points`` points per call. The field's ``forward_gathered`` (if it has one)
+    takes each point's owning sample; other fields get one row of z per ray."""
+    k = t.shape[1]
+    gathered = getattr(field, "forward_gathered", None)
+    rays_per_call = max(1, segment_points // k)
+    colours, sigmas = [], []
+    for i in range(0, live.numel(), rays_per_call):
+        ids = live[i:i + rays_per_call]
+        points = o[ids, None, :] + d[ids, None, :] * t[ids][..., None]  # (L, k, 3)
+        dirs = view[ids, None, :].expand(-1, k, -1)
+        if gathered is not None:
+            c, sg = gathered(points.reshape(-1, 3), dirs.reshape(-1, 3), z_shape, z_appearance,
+                             owner[ids].repeat_interleave(k))
+        else:
+            c, sg = field(points, dirs, z_shape[owner[ids]], z_appearance[owner[ids]])
+        colours.append(c.reshape(-1, k, 3))
+        sigmas.append(sg.reshape(-1, k))
+    return torch.cat(colours), torch.cat(sigmas)
 
 
 def sample_pdf(

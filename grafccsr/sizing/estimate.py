@@ -57,10 +57,8 @@ Known differences from a real CUDA run
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -69,9 +67,9 @@ import torch
 
 from grafccsr.config import Config, load_config, replace
 from grafccsr.measure.tracker import MB, TRAINING_PHASES, LiveTensorBytes, _rounded, state_tensors
-from grafccsr.models import RenderSettings, build_models, render_views
-from grafccsr.sizing.synthetic import default_num_classes, synthetic_batch
-from grafccsr.training.build import build_run
+from grafccsr.models import RenderSettings, render_views
+from grafccsr.sizing.synthetic import default_num_classes, fake_run
+from grafccsr.training.distributed import Dist
 
 CATEGORIES = ("parameters", "ema", "buffers", "gradients", "optimizer", "batch", "activations")
 """Breakdown of a peak. ``activations`` = everything created during the phase that is
@@ -365,18 +363,19 @@ class Estimate:
 
 def estimate(cfg: Config, num_classes: Optional[int] = None, *, iterations: int = 2,
              render_phases: bool = True, overhead: CudaOverhead = CudaOverhead(),
-             label: str = "") -> Estimate:
+             label: str = "", world_size: int = 1) -> Estimate:
     """Estimate the peaks of ``cfg`` (see the module docstring for the method).
 
     ``iterations`` full D+G iterations (2: the first creates the optimiser state);
     ``render_phases`` also estimates the training loop's sample-grid render and one
     evaluation render batch (``no_grad``, FP32, ``eval.batch_size`` images).
+    ``world_size`` > 1: the peak of one rank of a torchrun job (``train.batch_size / world_size``
+    images per rank, plus the flattened gradient buffer of the all-reduce after each step).
     """
-    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
     t0 = time.perf_counter()
     num_classes = num_classes or default_num_classes(cfg)
-    device = torch.device("cpu")
+    torch.device("cpu")
     notes = []
     if cfg.train.compile:
         notes.append("train.compile=true is ignored: the estimate is for eager execution")
@@ -384,22 +383,13 @@ def estimate(cfg: Config, num_classes: Optional[int] = None, *, iterations: int 
     if cfg.train.amp.policy != "off":
         notes.append("autocast follows CPU cast lists under the fake run (CUDA's differ slightly, see module docs)")
 
-    # Real construction on the CPU is fast (spectral norm's power iterations under fake
-    # mode are not); FakeCopyMode then turns every parameter and buffer into a fake tensor.
-    real_g, real_d = build_models(cfg, num_classes)
-    fake_mode = FakeTensorMode()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deepcopy of fake tensors warns about data_ptr
-        with FakeCopyMode(fake_mode):
-            generator, discriminator = copy.deepcopy(real_g), copy.deepcopy(real_d)
-        del real_g, real_d
-        with fake_mode, FakeCopyMode(fake_mode):  # GanStep deep-copies G for the EMA
-            step = build_run(cfg, num_classes, device, models=(generator, discriminator))
+    dist = Dist(0, world_size, 0, simulated=True) if world_size > 1 else Dist()
+    dist.local_batch(cfg.train.batch_size)  # a batch that does not divide fails here, as in training
+    step, batch, fake_mode = fake_run(cfg, num_classes, dist)
 
     phases: List[PhaseEstimate] = []
     with fake_mode:
-        batch = synthetic_batch(cfg, num_classes, device)
-        modules = {"parameters": [generator, discriminator]}
+        modules = {"parameters": [step.generator, step.discriminator]}
         if step.generator_ema is not None:
             modules["ema"] = [step.generator_ema]
         optimizers = [step.opt_g, step.opt_d]
@@ -455,7 +445,10 @@ def _render(generator, cfg: Config, count: int, size: int, num_classes: int) -> 
 def estimate_overrides(overrides: Sequence[str], num_classes: Optional[int] = None, **kwargs) -> Estimate:
     """:func:`estimate` for Hydra overrides (``+exp=...`` presets included)."""
     cfg = load_config(list(overrides))
-    return estimate(cfg, num_classes, label=" ".join(overrides) or "(defaults)", **kwargs)
+    label = " ".join(overrides) or "(defaults)"
+    if kwargs.get("world_size", 1) > 1:
+        label += f" (one rank of {kwargs['world_size']})"
+    return estimate(cfg, num_classes, label=label, **kwargs)
 
 
 def estimate_peak_mb(overrides: List[str], *, measure: str = "auto", phases: str = "auto",

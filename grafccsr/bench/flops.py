@@ -1,0 +1,99 @@
+"""Arithmetic per training iteration: torch's FLOP counter over one D + G iteration.
+
+:class:`torch.utils.flop_counter.FlopCounterMode` counts matrix multiplications and
+convolutions only (mm, addmm, bmm, baddbmm, convolutions and their backward passes);
+elementwise work, interpolation, positional encoding, compositing and optimiser updates
+count 0. Two details matter here:
+
+* its module tracker hooks every module's inputs, and ``autograd.grad`` with respect to a
+  leaf input (R1's real patches) then fails (pytorch #131753). Totals need no per-module
+  attribution, so the tracker is replaced by one that files every count under "Global";
+* in-place ``addmm_`` (the fused radiance field accumulates its split matmuls with it) is
+  not in torch's table; it is counted here like ``addmm``.
+
+``python -m grafccsr.bench.flops [overrides]`` counts one iteration of a config under
+FakeTensorMode: shapes only, seconds at any size (early ray termination then counts as the
+full render: its savings depend on values; the benchmark counts a real iteration).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, List, Optional
+
+import torch
+from torch.utils import flop_counter
+
+from grafccsr.config import load_config
+from grafccsr.sizing.synthetic import default_num_classes, fake_run
+
+
+
+def _addmm_inplace_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``self.addmm_(a, b)``: 2 m k n, as torch counts ``addmm``."""
+    (m, k), (_, n) = a_shape, b_shape
+    return 2 * m * k * n
+
+
+_EXTRA_OPS = {torch.ops.aten.addmm_: _addmm_inplace_flop}
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: no hooks, every count under "Global"."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> "_GlobalOnly":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def counter() -> flop_counter.FlopCounterMode:
+    """A FlopCounterMode that also counts ``addmm_`` and tolerates ``autograd.grad`` on leaves."""
+    mode = flop_counter.FlopCounterMode(display=False, custom_mapping=_EXTRA_OPS)
+    mode.mod_tracker = _GlobalOnly()
+    return mode
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (matmuls and convolutions) of ``fn()``."""
+    with counter() as mode:
+        fn()
+    return int(mode.get_total_flops())
+
+
+def iteration_flops(step, batch, iteration: int, check_finite: bool = True) -> int:
+    """FLOPs of one D step + G step of a :class:`~grafccsr.training.step.GanStep`. A compiled
+    field runs eager for the count (Inductor's kernels bypass the counter; same maths)."""
+    generator = step.generator
+    field = generator.field
+    compiled = hasattr(field, "_orig_mod")
+    if compiled:
+        generator.field = field._orig_mod
+    try:
+        return count_flops(lambda: (step.d_step(batch, iteration, check_finite=check_finite),
+                                    step.g_step(batch, iteration, check_finite=check_finite)))
+    finally:
+        generator.field = field
+
+
+def fake_iteration_flops(cfg, num_classes: Optional[int] = None, iteration: int = 1) -> int:
+    """FLOPs of one D + G iteration of ``cfg`` traced under FakeTensorMode (no compute)."""
+    step, batch, fake_mode = fake_run(cfg, num_classes or default_num_classes(cfg))
+    with fake_mode:
+        return iteration_flops(step, batch, iteration, check_finite=False)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(overrides + ["tracking=none", "train.device=cpu", "train.compile=false"])
+    flops = fake_iteration_flops(cfg)
+    print(f"{flops / 1e12:.4f} TFLOP per D+G iteration (matmuls and convolutions; FakeTensorMode): "
+          f"{' '.join(overrides) or 'default config'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
