@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,37 @@ FAKE_TRAINER = textwrap.dedent(r'''
             "device": "cpu", "memory": {}, "peak_memory_measure": "peak_live_tensors",
             "process_peak_rss_mb": 100.0, "perf": {"perf/it_per_s": 10.0 / bs}, "losses": {},
             "fid_extractor": "fake", "output_dir": run_dir, "checkpoint": ""}
+    # an MLflow run through the REST API of a tracking server (as the trainer would make it), so
+    # the driver's child-run handling is exercised without importing mlflow here (seconds per trial)
+    uri, run_id = get("tracking.uri"), None
+    def rest(path, body=None):
+        import urllib.request
+        url = uri.rstrip("/") + "/api/2.0/mlflow/" + path
+        req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"{}")
+    if uri and uri.startswith("http") and args.get("tracking") != "none":
+        import urllib.error, urllib.parse
+        name = get("tracking.experiment")
+        try:
+            eid = rest("experiments/get-by-name?experiment_name=" + urllib.parse.quote(name))["experiment"]["experiment_id"]
+        except urllib.error.HTTPError:
+            eid = rest("experiments/create", {"name": name})["experiment_id"]
+        tags = {k.split("tracking.tags.", 1)[1]: v.strip("'") for k, v in args.items() if "tracking.tags." in k}
+        tags.update({"mlflow.parentRunId": get("tracking.parent_run_id"), "mlflow.runName": get("tracking.run_name"),
+                     "host": os.uname().nodename})
+        run = rest("runs/create", {"experiment_id": eid, "run_name": get("tracking.run_name"),
+                                   "start_time": int(time.time() * 1000),
+                                   "tags": [{"key": k, "value": v} for k, v in tags.items() if v]})
+        run_id = base["mlflow_run_id"] = run["run"]["info"]["run_id"]
+        base["tracking_uri"] = uri
     def write(**kw):
         base.update(kw)
         with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
             json.dump(base, fh)
+        if run_id:
+            rest("runs/update", {"run_id": run_id, "status": kw["status"], "end_time": int(time.time() * 1000)})
     def on_sigint(*_):
         write(status="KILLED", reason="interrupted", message="interrupted", peak_memory_mb=None, eval={})
         sys.exit(130)
@@ -153,9 +181,20 @@ def test_spec_yaml12_and_validation(tmp_path):
                 {"search_space": {"x": {"type": "int", "low": 5, "high": 1}}},
                 {"search_space": {"x": {"type": "float", "low": 0.0, "high": 1.0}}, "sampler": "grid"},
                 {"base_overrides": ["train.batch_size=2"]},
-                {"enqueue": [{"train.batch_size": 3}]}, {"study_name": "has space"}):
+                {"enqueue": [{"train.batch_size": 3}]}, {"study_name": "has space"},
+                {"launcher": "ssh"}, {"nproc_per_node": 2}, {"launcher": "torchrun", "nproc_per_node": 0},
+                {"submitit": {"partition": "gpu"}}, {"launcher": "submitit", "submitit": {"gpu": 1}},
+                {"launcher": "submitit", "submitit": {"cluster": "aws"}},
+                {"heartbeat_interval_s": 10, "grace_period_s": 10}):
         with pytest.raises(SpecError):
             parse_spec({**base, **bad})
+    torchrun = parse_spec({**base, "launcher": "torchrun", "nproc_per_node": 2})
+    assert torchrun.command()[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                      "-m", "grafccsr.train"]
+    assert torchrun.command(["py", "fake.py"])[-3:] == ["--no-python", "py", "fake.py"]
+    sub = parse_spec({**base, "launcher": "submitit", "grace_period_s": 200,
+                      "submitit": {"cluster": "local", "gpus_per_trial": 1, "mem_gb": 8, "time_limit_min": 30}})
+    assert sub.submitit.cluster == "local" and sub.submitit.gpus_per_trial == 1 and sub.grace_period_s == 200
 
 
 def test_override_formatting():
@@ -423,6 +462,11 @@ def test_cli_help_and_bad_file(tmp_path):
     bad.write_text("study_name: x\nsearch_space: {}\n")
     out = subprocess.run([sys.executable, "-m", "grafccsr.sweep", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "search_space" in out.stderr
+    # a PostgreSQL storage that cannot be reached: one line, exit 2, no password shown
+    study = write_study(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "grafccsr.sweep", str(study), "--tracking-uri", "none", "--storage",
+                          "postgresql+psycopg2://u:secret@127.0.0.1:1/optuna"], capture_output=True, text=True)
+    assert out.returncode == 2 and "cannot connect" in out.stderr and "secret" not in out.stderr, out.stderr
 
 
 # --------------------------------------------------------------------------- real trainer, end to end
@@ -485,3 +529,152 @@ def test_real_smoke_study(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "] start" not in again.stdout and parent.info.run_id in again.stdout
     assert len(client.search_runs([parent.info.experiment_id], filter_string="tags.sweep_study = 'real'")) == 1
+
+
+# --------------------------------------------------------------------------- real servers: PostgreSQL + mlflow server
+
+
+def _sweep_cli(study, storage, tracking_uri, runs_root, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "grafccsr.sweep", str(study), "--storage", storage,
+                             "--tracking-uri", tracking_uri, "--runs-root", str(runs_root), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _children(client, study_name):
+    """(parent runs, child runs) of a study in the MLflow server."""
+    experiment = client.get_experiment_by_name(f"sweep-{study_name}")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.optuna_study = '{study_name}'")
+    parents = client.search_runs([experiment.experiment_id],
+                                 filter_string=f"tags.sweep_study = '{study_name}' and tags.sweep_role = 'parent'")
+    return parents, runs
+
+
+def test_two_sweep_processes_share_one_postgres_study(tmp_path, fake_trainer, pg_storage, services):
+    """Two sweep processes (2 workers each) started together on a fresh PostgreSQL database:
+    the schema is created once, the study has exactly n_trials trials with distinct numbers, each
+    launched once, and every child run hangs under the study's one MLflow parent run."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    name = f"pg2-{uuid.uuid4().hex[:6]}"
+    study = write_study(tmp_path, name=name, sampler="random", n_trials=6, trainer_cmd=fake_trainer,
+                        heartbeat_interval_s=5,
+                        search_space={"train.batch_size": {"type": "categorical", "choices": [1, 2, 4, 8]},
+                                      "model.render.samples_per_ray": {"type": "int", "low": 4, "high": 64}})
+    log = tmp_path / "launches.jsonl"
+    env = dict(os.environ, FAKE_TRAINER_SLEEP="0.5", FAKE_TRAINER_LOG=str(log))
+    procs = [_sweep_cli(study, pg_storage, services.tracking_uri, tmp_path / "runs", "--workers", "2", env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(outs)
+    trials = optuna.load_study(study_name=name, storage=pg_storage).trials
+    assert sorted(t.number for t in trials) == list(range(6)), [(t.number, t.state) for t in trials]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    run_dirs = [a for line in log.read_text().splitlines() for a in json.loads(line) if a.startswith("hydra.run.dir=")]
+    assert len(run_dirs) == 6 == len(set(run_dirs))
+    assert sum(o.count("] start") for o in outs) == 6
+    client = MlflowClient(services.tracking_uri)
+    parents, children = _children(client, name)
+    assert len(parents) == 1
+    parent = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"  # ended by whichever process finished last
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent and r.data.tags["launcher"] == "local" for r in children)
+    assert optuna.load_study(study_name=name, storage=pg_storage).user_attrs["mlflow_parent_run_id"] == parent
+
+
+def test_sigkill_worker_trial_is_failed_retried_and_its_run_closed(tmp_path, fake_trainer, pg_storage, services):
+    """One of two sweep processes is SIGKILLed while its trial runs: its trainer dies with it, the
+    survivor fails the trial once its heartbeat is older than grace_period_s, runs it again, ends
+    its MLflow run FAILED (worker_lost), and the study still gets n_trials counted trials."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from grafccsr.services.local import pid_alive
+    from grafccsr.sweeping.driver import counts_toward_total
+
+    name = f"hb-{uuid.uuid4().hex[:6]}"
+    study = write_study(tmp_path, name=name, sampler="random", n_trials=3, trainer_cmd=fake_trainer,
+                        heartbeat_interval_s=1, grace_period_s=4)
+    env = dict(os.environ, FAKE_TRAINER_SLEEP="3")
+    victim = _sweep_cli(study, pg_storage, services.tracking_uri, tmp_path / "runs-a", env=env)
+    client = MlflowClient(services.tracking_uri)
+    head = []
+    for line in victim.stdout:  # wait until it runs a trial
+        head.append(line)
+        if "] start" in line:
+            break
+    number = int(head[-1].split("[trial ", 1)[1].split("]")[0])
+    survivor = _sweep_cli(study, pg_storage, services.tracking_uri, tmp_path / "runs-b", env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline and not _children(client, name)[1]:
+        time.sleep(0.2)  # the victim's trainer has made its MLflow run
+    victim.kill()
+    victim.communicate(timeout=30)
+    out = survivor.communicate(timeout=180)[0]
+    assert survivor.returncode == 0, out
+    assert "FAIL(worker_lost)" in out
+
+    trials = optuna.load_study(study_name=name, storage=pg_storage).trials
+    dead = trials[number]
+    assert dead.state.name == "FAIL" and "failure_reason" not in dead.user_attrs
+    assert not pid_alive(dead.user_attrs["pid"])  # the trainer did not outlive its sweep process
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE" and retries[0].params == dead.params
+    assert retries[0].user_attrs["retry_reason"] == "worker_lost" and retries[0].user_attrs["retry_of"] == number
+    assert sum(counts_toward_total(t) for t in trials) == 3 and len(trials) == 4
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 3
+    assert len({t.number for t in trials}) == len(trials)
+    _, runs = _children(client, name)
+    lost = [r for r in runs if r.data.tags.get("optuna_trial_number") == str(number)]
+    assert len(lost) == 1 and lost[0].info.status == "FAILED", [(r.info.status, r.data.tags) for r in lost]
+    assert lost[0].data.tags["failure_reason"] == "worker_lost" and "heartbeat" in lost[0].data.tags["failure_message"]
+
+
+def test_submitit_local_executor(tmp_path, fake_trainer, services):
+    """launcher: submitit through submitit's local executor: one job per trial, the job id on the
+    trial (user attribute) and on its MLflow run (tag), job logs in the submitit folder."""
+    from mlflow.tracking import MlflowClient
+
+    name = f"sub-{uuid.uuid4().hex[:6]}"
+    study = write_study(tmp_path, name=name, n_trials=2, launcher="submitit",
+                        submitit={"cluster": "local", "time_limit_min": 5})
+    result, lines = run(study, tmp_path, fake_trainer, tracking_uri=services.tracking_uri)
+    trials = result.study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], [t.user_attrs for t in trials]
+    client = MlflowClient(services.tracking_uri)
+    for t in trials:
+        attrs = t.user_attrs
+        assert attrs["launcher"] == "submitit" and attrs["cluster"] == "local" and attrs["job_id"]
+        assert (tmp_path / "runs" / "sweeps" / name / "submitit" / attrs["job_id"]).is_dir()
+        tags = client.get_run(attrs["mlflow_run_id"]).data.tags
+        assert tags["job_id"] == attrs["job_id"] and tags["launcher"] == "submitit" and tags["host"]
+        assert tags["mlflow.parentRunId"] == result.parent_run_id
+    assert sum("submitted as local job" in ln for ln in lines) == 2
+
+
+def test_torchrun_launcher_two_cpu_ranks(tmp_path, services):
+    """launcher: torchrun, nproc_per_node 2: the real trainer on 2 CPU ranks (global batch 2),
+    one MLflow run with world size 2 and the launcher/ranks/host tags."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    name = f"tr-{uuid.uuid4().hex[:6]}"
+    study = write_study(
+        tmp_path, name=name, n_trials=1, launcher="torchrun", nproc_per_node=2,
+        objectives=[{"metric": "peak_memory_mb", "direction": "minimize"}, {"metric": "fid_rf", "direction": "minimize"}],
+        base_overrides=["+exp=smoke", "train.device=cpu", "train.batch_size=2", "train.max_iters=2",
+                        "train.sample_every=0", "train.ckpt_every=0", "eval.num_samples=8", "eval.kid_subset_size=4",
+                        "tracking.system_metrics=false"],
+        search_space={"model.render.samples_per_ray": {"type": "categorical", "choices": [4]}})
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    out = subprocess.run([sys.executable, "-m", "grafccsr.sweep", str(study), "--storage", storage, "--tracking-uri",
+                          services.tracking_uri, "--runs-root", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (trial,) = optuna.load_study(study_name=name, storage=storage).trials
+    assert trial.state.name == "COMPLETE", trial.user_attrs
+    assert trial.user_attrs["launcher"] == "torchrun" and trial.user_attrs["ranks"] == 2
+    run = MlflowClient(services.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.metrics["dist/world_size"] == 2 and run.data.metrics["train/global_batch"] == 2
+    assert run.data.tags["launcher"] == "torchrun" and run.data.tags["ranks"] == "2" and run.data.tags["host"]

@@ -31,7 +31,9 @@ def build_parser():
                "  python -m grafccsr.sweep sweeps/memory_quality.yaml --trials 40 --workers 2\n"
                "  python -m grafccsr.sweep sweeps/memory_quality.yaml --storage journal:sweeps/optuna-journal.log\n"
                "  python -m grafccsr.sweep sweeps/memory_quality.yaml "
-               "--storage postgresql+psycopg2://user:pw@host/optuna\n"
+               "--storage postgresql+psycopg2://user:pw@host/optuna --tracking-uri http://host:port\n"
+               "      (the same command on several machines; `make services` starts a local PostgreSQL and\n"
+               "       MLflow server and prints both URIs)\n"
                "  python -m grafccsr.sweep sweeps/smoke.yaml --trials 0    # only print/log the Pareto front",
     )
     parser.add_argument("study_file", type=Path, help="study definition, e.g. sweeps/smoke.yaml")

@@ -14,12 +14,21 @@ Trial policy (see sweeps/README.md):
 
 ``n_trials`` is the study's total: trials interrupted by the sweep (and trials of a sweep
 process that died, found through RDB heartbeats) do not count and are queued again.
+
+Several sweep processes (machines) may share one study: "count, then ask" runs under a
+cross-process lock (:class:`~grafccsr.sweeping.storage.StudyLock`), so the total is exact and
+trial numbers are never reused. Each claimed trial gets a heartbeat thread (Optuna records
+heartbeats by itself only inside ``study.optimize``); a trial whose process stopped beating for
+``grace_period_s`` is failed by another process's ``fail_stale_trials``, queued again once, and
+its MLflow run closed as FAILED (``worker_lost``). A process that has nothing left to launch
+waits while other processes' trials run, so that a dead one is still noticed and re-run.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -28,14 +37,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from grafccsr.sweeping import runner
+import numpy as np
+
 from grafccsr.paths import PROJECT_ROOT
+from grafccsr.sweeping import launchers, runner
+from grafccsr.sweeping.pareto import format_table, pareto_trials
 from grafccsr.sweeping.spec import (SpecError, StudySpec, extract_metric, format_override,
                                     override_value, short_names, trial_overrides)
 from grafccsr.sweeping.storage import (StudyLock, cpu_threads_per_worker, make_storage, redact,
                                        resolve_storage_url)
+from grafccsr.sweeping.tracking import SweepTracker, resolve_tracking_uri
 
 RETRIED_REASONS = frozenset({"interrupted"})
+STALE_RETRIES = 1  # a trial of a dead sweep process is queued again once
+# Carried over to the retry of a stale trial; run-specific attributes (run_dir, pid, job_id...) are not.
+KEPT_ON_RETRY = ("enqueued", "retry_of")
 # Same overrides, same seed -> same result: a sampler proposing these again is not relaunched.
 DETERMINISTIC_FAILURES = frozenset({"oom", "config", "nonfinite", "repeat_of_failed"})
 DEFAULT = object()
@@ -44,8 +60,6 @@ DEFAULT = object()
 def trial_seed(seed: int, n: int) -> int:
     """Decorrelated per-ask seed (numpy's MT19937 gives near-identical first draws for nearby
     small seeds such as 0 and 3)."""
-    import numpy as np
-
     return int(np.random.SeedSequence([int(seed), int(n)]).generate_state(1)[0])
 
 
@@ -60,6 +74,33 @@ def counts_toward_total(trial) -> bool:
         # No reason: failed by Optuna's stale-heartbeat check (its sweep process died).
         return reason is not None and reason not in RETRIED_REASONS
     return True
+
+
+class HeartbeatThread:
+    """Records a trial's heartbeat every ``interval_s`` from claim to tell (also while the
+    estimator runs, while a submitit job waits in a queue, and while the result is recorded)."""
+
+    def __init__(self, storage, trial_id: int, interval_s: float) -> None:
+        self._storage, self._trial_id, self._interval = storage, trial_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def start(self) -> "HeartbeatThread":
+        self._storage.record_heartbeat(self._trial_id)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception:  # noqa: BLE001 - a missed beat must not kill the trial
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
 
 @dataclass
@@ -87,14 +128,14 @@ class Sweep:
         self.workers = workers
         self.runs_root = Path(runs_root) if runs_root else PROJECT_ROOT / "runs"
         self.extra_overrides = list(extra_overrides)
-        self.trainer_cmd = list(trainer_cmd) if trainer_cmd else spec.command()
+        self.trainer_cmd = spec.command(trainer_cmd)
+        self.launcher = launchers.make_launcher(spec, self.runs_root / "sweeps" / spec.study_name,
+                                                self.extra_overrides)
         self.predict = predict or runner.predicted_peak_mb
         self._out = out or (lambda line: print(line, flush=True))
         self._print_lock = threading.Lock()
-        self.lock = StudyLock(self.storage_url)
+        self.lock = StudyLock(self.storage_url, spec.study_name)
         self.stop_event = threading.Event()
-        from grafccsr.sweeping.tracking import resolve_tracking_uri
-
         self.tracking_uri = resolve_tracking_uri(None if tracking_uri is DEFAULT else (tracking_uri or "none"))
         self.tracker = None
         self.study = None
@@ -108,6 +149,8 @@ class Sweep:
         self._running_workers = 0
         self._cuda_available: Optional[bool] = None
         self._predict_lock = threading.Lock()
+        self._heartbeats: Dict[int, HeartbeatThread] = {}
+        self._announced_wait = False
 
     # -------------------------------------------------------------- output
     def say(self, line: str) -> None:
@@ -139,7 +182,8 @@ class Sweep:
         from optuna.storages._heartbeat import is_heartbeat_enabled
 
         spec = self.spec
-        storage = make_storage(self.storage_url, spec.heartbeat_interval_s)
+        storage = make_storage(self.storage_url, spec.heartbeat_interval_s, spec.grace_period_s,
+                               stale_callback=self._on_stale)
         study = optuna.create_study(storage=storage, study_name=spec.study_name, sampler=self._make_sampler(spec.seed),
                                     directions=spec.directions, load_if_exists=True)
         have = [d.name.lower() for d in study.directions]
@@ -178,29 +222,91 @@ class Sweep:
         return len(seen) >= self.spec.grid_size()
 
     def _claim(self):
-        """Under the study lock: count, then ask. Returns None when the study has its total."""
+        """Under the study lock: fail stale trials, count, then ask. Returns None when the study
+        has its total and no other process's trial is still running (those are waited for while
+        heartbeats are on: if their process died, the retry is run here)."""
         import optuna
         from optuna.trial import TrialState
 
-        with self.lock:
-            if self.stop_event.is_set():
+        wait_s = 0.5
+        while True:
+            with self.lock:
+                if self.stop_event.is_set():
+                    return None
+                study = self.study
+                if self._heartbeat:
+                    optuna.storages.fail_stale_trials(study)
+                trials = study.get_trials(deepcopy=False)
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                done = sum(counts_toward_total(t) for t in trials) >= self.n_trials
+                if not done and self.spec.sampler == "grid" and not waiting and self._grid_covered(trials):
+                    done = True
+                if not done:
+                    # A fresh sampler seeded by the trial count: reproducible, and two sweep processes
+                    # started together do not draw the same random start-up points.
+                    study.sampler = self._make_sampler(trial_seed(self.spec.seed, len(trials)))
+                    trial = study.ask(self.spec.distributions())
+                    if self._heartbeat:
+                        self._heartbeats[trial.number] = HeartbeatThread(
+                            study._storage, trial._trial_id, float(self.spec.heartbeat_interval_s)).start()
+                    with self._state_lock:
+                        self._active[trial.number] = (trial, dict(trial.params))
+                    return trial
+                with self._state_lock:
+                    mine = set(self._active)
+                others = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in mine]
+                if not (self._heartbeat and others and self.n_trials > 0):
+                    return None
+            if not self._announced_wait:
+                self._announced_wait = True
+                self.say(f"waiting for trial(s) {', '.join(map(str, others))} of other sweep processes "
+                         f"(a trial whose process died is failed after {self._grace_s():.0f} s and re-run here)")
+            if self.stop_event.wait(wait_s):
                 return None
-            study = self.study
-            if self._heartbeat:
-                optuna.storages.fail_stale_trials(study)
-            trials = study.get_trials(deepcopy=False)
-            if sum(counts_toward_total(t) for t in trials) >= self.n_trials:
-                return None
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if self.spec.sampler == "grid" and not waiting and self._grid_covered(trials):
-                return None
-            # A fresh sampler seeded by the trial count: reproducible, and two sweep processes
-            # started together do not draw the same random start-up points.
-            study.sampler = self._make_sampler(trial_seed(self.spec.seed, len(trials)))
-            trial = study.ask(self.spec.distributions())
-            if self._heartbeat:
-                study._storage.record_heartbeat(trial._trial_id)
-            return trial
+            wait_s = min(wait_s * 1.5, max(0.5, min(float(self.spec.heartbeat_interval_s), 10.0)))
+
+    def _grace_s(self) -> float:
+        interval = float(self.spec.heartbeat_interval_s or 0)
+        return float(self.spec.grace_period_s or 2 * interval)
+
+    def _stop_heartbeat(self, number: int) -> None:
+        beat = self._heartbeats.pop(number, None)
+        if beat is not None:
+            beat.stop()
+
+    def _on_stale(self, study, trial) -> None:
+        """Optuna's stale-trial callback (inside ``fail_stale_trials``, under the study lock, in
+        the one process that failed the trial): queue it again once — like Optuna's
+        ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial``/``retry_history`` system
+        attributes) but without the dead run's own attributes — and close its MLflow run."""
+        import optuna
+
+        system_attrs = {"failed_trial": trial.number, "retry_history": [], **trial.system_attrs}
+        system_attrs["retry_history"] = [*system_attrs["retry_history"], trial.number]
+        retried = len(system_attrs["retry_history"]) <= STALE_RETRIES
+        if retried:
+            user_attrs = {k: trial.user_attrs[k] for k in KEPT_ON_RETRY if k in trial.user_attrs}
+            user_attrs.update(retry_of=trial.number, retry_reason="worker_lost")
+            study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
+                                                distributions=trial.distributions, user_attrs=user_attrs,
+                                                system_attrs=system_attrs))
+        attrs = trial.user_attrs
+        where = " ".join(f"{k}={attrs[k]}" for k in ("host", "pid", "job_id") if attrs.get(k) is not None)
+        message = (f"the sweep process running trial {trial.number} ({where or 'unknown worker'}) sent no heartbeat "
+                   f"for over {self._grace_s():.0f} s; failed by {socket.gethostname()} pid {os.getpid()}"
+                   + ("; queued again" if retried else "; already retried, not queued again"))
+        if attrs.get("launcher") == "submitit" and attrs.get("cluster") == "slurm" and attrs.get("job_id"):
+            launchers.cancel_job(attrs["job_id"])  # its job would run on, unobserved
+        if self.tracker is not None:
+            try:
+                self.tracker.close_lost(trial, message, self._where_tags(attrs))
+            except Exception as err:  # noqa: BLE001
+                self.say(f"[trial {trial.number}] warning: could not close its MLflow run: {err}")
+        self.say(f"[trial {trial.number}] FAIL(worker_lost) {message}")
+
+    @staticmethod
+    def _where_tags(attrs: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: attrs.get(k) for k in ("launcher", "ranks", "job_id", "host") if attrs.get(k) is not None}
 
     # -------------------------------------------------------------- one trial
     def _overrides(self, trial) -> List[str]:
@@ -209,10 +315,15 @@ class Sweep:
     def _tracking_overrides(self, number: int) -> List[str]:
         if self.tracker is None:
             return ["tracking=none"]
+        # tags the trial's run carries from its start: another sweep process finds it by them if
+        # this one dies; `ranks`/`launcher` say how it ran (the trainer adds `host`)
+        tags = {"optuna_study": self.spec.study_name, "optuna_trial_number": str(number),
+                "launcher": self.spec.launcher, "ranks": str(getattr(self.launcher, "ranks", 1))}
         return [format_override("tracking.uri", self.tracking_uri),
                 format_override("tracking.experiment", self.spec.experiment_name),
                 format_override("tracking.parent_run_id", self.tracker.run_id),
-                format_override("tracking.run_name", f"{self.spec.study_name}-trial-{number}")]
+                format_override("tracking.run_name", f"{self.spec.study_name}-trial-{number}"),
+                *(format_override(f"++tracking.tags.{k}", str(v)) for k, v in tags.items())]
 
     def _precheck_applies(self, overrides: Sequence[str]) -> bool:
         """The estimator predicts CUDA reserved memory: compare it with the budget only for
@@ -276,19 +387,25 @@ class Sweep:
             cmd = runner.build_command(self.trainer_cmd, [
                 *overrides, format_override("hydra.run.dir", str(run_dir)), *self._tracking_overrides(number)])
             self.say(f"[trial {number}] start    {self._params_text(params)}  -> {run_dir}")
-            env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
-            threads = cpu_threads_per_worker(self.workers)
-            if threads:
-                env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-            heartbeat = None
-            if self._heartbeat:
-                storage, trial_id = self.study._storage, trial._trial_id
-                heartbeat = lambda: storage.record_heartbeat(trial_id)  # noqa: E731
+            env_extra = {"PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+            threads = cpu_threads_per_worker(self.workers * getattr(self.launcher, "ranks", 1))
+            if threads and spec.launcher != "submitit":
+                env_extra.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+            def started(info: Dict[str, Any]) -> None:
+                for key, value in info.items():
+                    trial.set_user_attr(key, value)
+                if info.get("job_id"):
+                    self.say(f"[trial {number}] submitted as {info.get('cluster', '')} job {info['job_id']}")
+
             self.launched.append(number)
-            outcome = runner.run_trial(
-                cmd, run_dir, spec.objectives, timeout_s=spec.timeout_per_trial_s, stop_event=self.stop_event,
-                heartbeat=heartbeat, heartbeat_every_s=float(spec.heartbeat_interval_s or 60), env=env,
-                procs=self._procs)
+            kwargs = {"tag_job": self.tracker is not None} if spec.launcher == "submitit" else {}
+            outcome = self.launcher.run(cmd, run_dir, spec.objectives, timeout_s=spec.timeout_per_trial_s,
+                                        stop_event=self.stop_event, env_extra=env_extra, procs=self._procs,
+                                        on_start=started, trial_number=number, **kwargs)
+            host = launchers.job_info(run_dir).get("host")
+            if host:
+                trial.set_user_attr("host", host)
         self._record(trial, params, outcome)
 
     def _record(self, trial, params: Dict[str, Any], outcome: runner.Outcome) -> None:
@@ -325,21 +442,32 @@ class Sweep:
         # MLflow first (the run id becomes a user attribute); never let it lose the trial.
         if self.tracker is not None:
             try:
+                where = self._where_tags(trial.user_attrs)
                 if outcome.mlflow_run_id:
                     self.tracker.annotate_child(outcome.mlflow_run_id, number, outcome.state, outcome.reason,
-                                                outcome.message)
+                                                outcome.message, where)
                 elif outcome.state != "COMPLETE":
                     predicted = trial.user_attrs.get("predicted_peak_mb")
                     extra = {"predicted_peak_mb": f"{predicted:.1f}"} if predicted is not None else {}
+                    extra.update({k: str(v) for k, v in where.items()})
                     attrs["mlflow_run_id"] = self.tracker.record_unlaunched(
                         number, params, outcome.state, outcome.reason or "error", outcome.message, extra)
             except Exception as err:  # noqa: BLE001
                 self.say(f"[trial {number}] warning: MLflow update failed: {err}")
-        for key, value in attrs.items():
-            if value is not None:
-                trial.set_user_attr(key, value)
+        from optuna.exceptions import UpdateFinishedTrialError
+
         state = {"COMPLETE": TrialState.COMPLETE, "FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED}[outcome.state]
-        self._tell(trial, outcome.values if state == TrialState.COMPLETE else None, state)
+        try:
+            for key, value in attrs.items():
+                if value is not None:
+                    trial.set_user_attr(key, value)
+            self._tell(trial, outcome.values if state == TrialState.COMPLETE else None, state)
+        except UpdateFinishedTrialError:
+            # our heartbeats did not reach the storage for grace_period_s: another process failed the
+            # trial and queued it again; this result is not recorded twice
+            self.say(f"[trial {number}] {outcome.state} but already failed by another sweep process (no heartbeat "
+                     "reached the storage in time); its retry records the result")
+            return
         if outcome.reason in RETRIED_REASONS:
             with self.lock:  # queue the same parameters again; a resumed sweep runs them
                 self.study.enqueue_trial(params, user_attrs={"retry_of": number})
@@ -380,8 +508,6 @@ class Sweep:
             trial = self._claim()
             if trial is None:
                 return
-            with self._state_lock:
-                self._active[trial.number] = (trial, dict(trial.params))
             try:
                 self._run_one(trial)
             except Exception:  # a driver bug: record it, keep the sweep going
@@ -398,6 +524,8 @@ class Sweep:
                     self._tell(trial, None, TrialState.FAIL)
                 except Exception:  # noqa: BLE001
                     pass
+            finally:
+                self._stop_heartbeat(trial.number)
 
     def run(self) -> SweepResult:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -415,8 +543,6 @@ class Sweep:
         with self.lock:
             self.study = self._open_study()
             if self.tracking_uri is not None:
-                from grafccsr.sweeping.tracking import SweepTracker
-
                 self.tracker = SweepTracker(self.tracking_uri, spec, redact(self.storage_url))
                 self.tracker.ensure_parent(self.study)
         existing = self.study.get_trials(deepcopy=False)
@@ -483,8 +609,6 @@ class Sweep:
                 self.say(f"[trial {number}] could not record the interruption: {err}")
 
     def finish(self, interrupted: bool = False) -> SweepResult:
-        from grafccsr.sweeping.pareto import format_table, pareto_trials
-
         front = pareto_trials(self.study)
         trials = self.study.get_trials(deepcopy=False)
         counts: Dict[str, int] = {}
@@ -498,11 +622,20 @@ class Sweep:
                  + ", ".join(f"{o.direction} {o.metric}" for o in self.spec.objectives) + "):")
         self.say(format_table(front, self.spec))
         if self.tracker is not None:
+            from optuna.trial import TrialState
+
             try:
-                self.tracker.log_results(self.study, front, status="KILLED" if interrupted else "FINISHED")
+                with self.lock:  # one writer of the parent's artifacts at a time
+                    trials = self.study.get_trials(deepcopy=False)
+                    front = pareto_trials(self.study)
+                    # the last sweep process to finish ends the parent run; earlier ones leave it RUNNING
+                    others = any(t.state == TrialState.RUNNING for t in trials)
+                    self.tracker.log_results(self.study, front, status="KILLED" if interrupted else "FINISHED",
+                                             terminate=not others)
                 self.say(f"MLflow: parent run {self.tracker.run_id} (pareto.json, pareto.png) in {self.tracking_uri}")
             except Exception as err:  # noqa: BLE001
                 self.say(f"warning: could not log the Pareto front to MLflow: {err}")
+        self.lock.close()
         return SweepResult(self.spec.study_name, self.storage_url, self.tracker.run_id if self.tracker else None,
                            front, list(self.launched), interrupted, self.study)
 

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from grafccsr.config import ConfigError
 from grafccsr.sweeping.spec import Objective, extract_metric
 from grafccsr.tracking.summary import METRICS_FILE
-from grafccsr.training.outcome import EXIT_CONFIG, EXIT_INTERRUPTED, REASON_BY_EXIT
+from grafccsr.training.outcome import EXIT_CONFIG, REASON_BY_EXIT
 
 EXIT_REASONS = {**REASON_BY_EXIT, -signal.SIGINT: "interrupted"}
 QUALITY_METRICS = ("fid", "kid_mean", "kid_std", "fid_rf", "kid_rf_mean", "kid_rf_std")
@@ -66,6 +67,26 @@ def prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True)
 
 
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys\n"
+    "parent, sig = int(sys.argv[1]), int(sys.argv[2])\n"
+    "try:\n    ctypes.CDLL(None).prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "except Exception:\n    pass\n"
+    "if os.getppid() != parent:\n    os.kill(os.getpid(), sig)\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n")
+
+
+def die_with_parent(cmd: Sequence[str], sig: int = signal.SIGTERM) -> List[str]:
+    """``cmd`` made to receive ``sig`` when the process (thread) that starts it dies — a sweep
+    killed with SIGKILL takes its trainer along instead of leaving it running unobserved. SIGTERM:
+    the trainer then stops like on Ctrl-C, and torchrun stops its ranks. Linux only (prctl); a tiny
+    ``python -I -S -c`` that execs ``cmd`` (same pid), not a preexec_fn, which is unsafe in a
+    threaded driver."""
+    if not sys.platform.startswith("linux"):
+        return list(cmd)
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), str(int(sig)), *cmd]
+
+
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -79,7 +100,8 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
 def run_subprocess(cmd: Sequence[str], run_dir: Path, *, timeout_s: Optional[float] = None,
                    stop_event: Optional[threading.Event] = None, heartbeat: Optional[Callable[[], None]] = None,
                    heartbeat_every_s: float = 60.0, env: Optional[Mapping[str, str]] = None,
-                   poll_s: float = 0.2, procs: Optional[set] = None) -> tuple:
+                   poll_s: float = 0.2, procs: Optional[set] = None,
+                   on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> tuple:
     """Run ``cmd`` with stdout/stderr in ``run_dir``; returns ``(exit_code, stop_cause, seconds)``.
 
     ``stop_cause`` is ``"timeout"`` or ``"interrupted"`` when the driver stopped the process:
@@ -91,11 +113,16 @@ def run_subprocess(cmd: Sequence[str], run_dir: Path, *, timeout_s: Optional[flo
     signalled_at = None
     last_beat = start
     with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(die_with_parent(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 env=dict(env) if env is not None else None, start_new_session=True)
         if procs is not None:
             procs.add(proc)
         try:
+            if on_start is not None:
+                try:
+                    on_start(proc)
+                except Exception:  # recording where it runs must not lose the trial
+                    pass
             while True:
                 try:
                     rc = proc.wait(timeout=poll_s)

@@ -37,8 +37,13 @@ STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TOP_KEYS = {
     "study_name", "storage", "sampler", "seed", "sampler_options", "n_trials", "objectives",
     "memory_budget_mb", "precheck_memory", "base_overrides", "search_space", "enqueue",
-    "mlflow_experiment", "timeout_per_trial_s", "trainer_cmd", "heartbeat_interval_s",
+    "mlflow_experiment", "timeout_per_trial_s", "trainer_cmd", "heartbeat_interval_s", "grace_period_s",
+    "launcher", "nproc_per_node", "submitit",
 }
+LAUNCHERS = ("local", "torchrun", "submitit")
+SUBMITIT_CLUSTERS = ("auto", "slurm", "local")
+_SUBMITIT_KEYS = {"cluster", "folder", "partition", "gpus_per_trial", "cpus_per_trial", "mem_gb", "time_limit_min",
+                  "slurm_additional_parameters", "setup"}
 
 
 class SpecError(ValueError):
@@ -156,6 +161,28 @@ class Param:
 
 
 @dataclass
+class SubmititSpec:
+    """``submitit:`` in a study file: one job per trial (SLURM, or submitit's local executor)."""
+
+    cluster: str = "auto"
+    """auto (SLURM when ``sbatch`` is on PATH, else local processes) | slurm | local."""
+    folder: Optional[str] = None
+    """Job scripts, pickles and logs (``%j`` = job id); default ``<runs root>/sweeps/<study>/submitit``.
+    On SLURM it and the runs root must be on a filesystem shared with the nodes."""
+    partition: Optional[str] = None
+    gpus_per_trial: Optional[int] = None
+    """Default: ``nproc_per_node`` when the trials run on CUDA, else 0."""
+    cpus_per_trial: Optional[int] = None
+    mem_gb: Optional[float] = None
+    time_limit_min: Optional[float] = None
+    """Job time limit; default ``timeout_per_trial_s`` + 5 min, else 24 h (never submitit's 2 min default)."""
+    slurm_additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    """Extra ``#SBATCH`` options, e.g. ``{account: proj, qos: high}``."""
+    setup: List[str] = field(default_factory=list)
+    """Shell lines run before the job on SLURM (``module load ...``, ``source venv/bin/activate``)."""
+
+
+@dataclass
 class StudySpec:
     study_name: str
     search_space: Dict[str, Param]
@@ -173,6 +200,11 @@ class StudySpec:
     timeout_per_trial_s: Optional[float] = None
     trainer_cmd: Optional[List[str]] = None
     heartbeat_interval_s: Optional[int] = 60
+    grace_period_s: Optional[int] = None
+    """Seconds without a heartbeat before a RUNNING trial is failed (default 2 x interval)."""
+    launcher: str = "local"
+    nproc_per_node: int = 1
+    submitit: SubmititSpec = field(default_factory=SubmititSpec)
     source: Optional[Path] = None
 
     @property
@@ -187,8 +219,21 @@ class StudySpec:
     def metric_names(self) -> List[str]:
         return [o.metric for o in self.objectives]
 
-    def command(self) -> List[str]:
-        return list(self.trainer_cmd) if self.trainer_cmd else [sys.executable, "-m", "grafccsr.train"]
+    @property
+    def uses_torchrun(self) -> bool:
+        return self.launcher == "torchrun" or (self.launcher == "submitit" and self.nproc_per_node > 1)
+
+    def command(self, trainer_cmd: Optional[Sequence[str]] = None) -> List[str]:
+        """The trial's command before its overrides: the trainer, under torchrun for
+        ``launcher: torchrun`` (``torchrun --standalone --nproc_per_node=N -m grafccsr.train``, spelt
+        ``python -m torch.distributed.run`` so that this interpreter's torch runs it)."""
+        custom = list(trainer_cmd or self.trainer_cmd or [])
+        base = custom or [sys.executable, "-m", "grafccsr.train"]
+        if not self.uses_torchrun:
+            return base
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={self.nproc_per_node}"]
+        return [*torchrun, "-m", "grafccsr.train"] if not custom else [*torchrun, "--no-python", *custom]
 
     def distributions(self) -> Dict[str, Any]:
         return {name: p.distribution() for name, p in self.search_space.items()}
@@ -290,28 +335,7 @@ def parse_spec(raw: Mapping[str, Any], source: Optional[Path] = None) -> StudySp
     if sampler not in SAMPLERS:
         raise SpecError(f"sampler must be one of {SAMPLERS}, got {raw.get('sampler')!r}")
 
-    objectives_raw = raw.get("objectives")
-    if objectives_raw is None:
-        objectives = [Objective(m, d) for m, d in DEFAULT_OBJECTIVES]
-    else:
-        if not isinstance(objectives_raw, list) or not objectives_raw:
-            raise SpecError("objectives must be a non-empty list of {metric, direction}")
-        objectives = []
-        for i, o in enumerate(objectives_raw):
-            if isinstance(o, str):
-                o = {"metric": o}
-            if not isinstance(o, Mapping) or "metric" not in o:
-                raise SpecError(f"objectives[{i}] must be {{metric: ..., direction: minimize|maximize}}")
-            metric = str(o["metric"])
-            if metric not in METRIC_PATHS and "." not in metric:
-                raise SpecError(f"objectives[{i}].metric {metric!r} unknown; use one of {sorted(METRIC_PATHS)} "
-                                "or a dotted path into metrics.json")
-            direction = str(o.get("direction", "maximize" if metric.endswith("_per_s") else "minimize")).lower()
-            if direction not in ("minimize", "maximize"):
-                raise SpecError(f"objectives[{i}].direction must be minimize or maximize")
-            objectives.append(Objective(metric, direction))
-        if len({o.metric for o in objectives}) != len(objectives):
-            raise SpecError("objectives repeat a metric")
+    objectives = _parse_objectives(raw.get("objectives"))
 
     n_trials = _as_number("n_trials", raw.get("n_trials", 20), int)
     if n_trials < 0:
@@ -322,10 +346,7 @@ def parse_spec(raw: Mapping[str, Any], source: Optional[Path] = None) -> StudySp
         raise SpecError("memory_budget_mb must be > 0")
     timeout = raw.get("timeout_per_trial_s")
     timeout = _as_number("timeout_per_trial_s", timeout) if timeout is not None else None
-    heartbeat = raw.get("heartbeat_interval_s", 60)
-    heartbeat = _as_number("heartbeat_interval_s", heartbeat, int) if heartbeat is not None else None
-    if heartbeat is not None and heartbeat <= 0:
-        heartbeat = None
+    running = _parse_running(raw)
 
     base = raw.get("base_overrides") or []
     if not isinstance(base, list) or not all(isinstance(b, str) and "=" in b for b in base):
@@ -356,7 +377,7 @@ def parse_spec(raw: Mapping[str, Any], source: Optional[Path] = None) -> StudySp
         base_overrides=list(base), enqueue=[dict(e) for e in enqueue],
         mlflow_experiment=raw.get("mlflow_experiment"), timeout_per_trial_s=timeout,
         trainer_cmd=[str(c) for c in trainer_cmd] if trainer_cmd else None,
-        heartbeat_interval_s=heartbeat, source=source,
+        source=source, **running,
     )
     if sampler == "grid":
         spec.grid()  # raises SpecError for ranges it cannot enumerate
@@ -365,6 +386,89 @@ def parse_spec(raw: Mapping[str, Any], source: Optional[Path] = None) -> StudySp
             if not spec.search_space[key].contains(value):
                 raise SpecError(f"enqueue[{i}].{key}={value!r} lies outside the search space")
     return spec
+
+
+def _parse_objectives(objectives_raw: Any) -> List[Objective]:
+    if objectives_raw is None:
+        return [Objective(m, d) for m, d in DEFAULT_OBJECTIVES]
+    if not isinstance(objectives_raw, list) or not objectives_raw:
+        raise SpecError("objectives must be a non-empty list of {metric, direction}")
+    objectives = []
+    for i, o in enumerate(objectives_raw):
+        if isinstance(o, str):
+            o = {"metric": o}
+        if not isinstance(o, Mapping) or "metric" not in o:
+            raise SpecError(f"objectives[{i}] must be {{metric: ..., direction: minimize|maximize}}")
+        metric = str(o["metric"])
+        if metric not in METRIC_PATHS and "." not in metric:
+            raise SpecError(f"objectives[{i}].metric {metric!r} unknown; use one of {sorted(METRIC_PATHS)} "
+                            "or a dotted path into metrics.json")
+        direction = str(o.get("direction", "maximize" if metric.endswith("_per_s") else "minimize")).lower()
+        if direction not in ("minimize", "maximize"):
+            raise SpecError(f"objectives[{i}].direction must be minimize or maximize")
+        objectives.append(Objective(metric, direction))
+    if len({o.metric for o in objectives}) != len(objectives):
+        raise SpecError("objectives repeat a metric")
+    return objectives
+
+
+def _parse_running(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """How trials run: heartbeats, launcher, ranks, submitit settings (StudySpec fields)."""
+    heartbeat = raw.get("heartbeat_interval_s", 60)
+    heartbeat = _as_number("heartbeat_interval_s", heartbeat, int) if heartbeat is not None else None
+    if heartbeat is not None and heartbeat <= 0:
+        heartbeat = None
+    grace = raw.get("grace_period_s")
+    grace = _as_number("grace_period_s", grace, int) if grace is not None else None
+    if grace is not None and grace <= 0:
+        raise SpecError("grace_period_s must be > 0")
+    if grace is not None and heartbeat is not None and grace <= heartbeat:
+        raise SpecError(f"grace_period_s ({grace}) must exceed heartbeat_interval_s ({heartbeat}): a live "
+                        "trial would be failed between two heartbeats")
+    launcher = str(raw.get("launcher", "local")).lower()
+    if launcher not in LAUNCHERS:
+        raise SpecError(f"launcher must be one of {LAUNCHERS}, got {raw.get('launcher')!r}")
+    nproc = _as_number("nproc_per_node", raw.get("nproc_per_node", 1), int)
+    if nproc < 1:
+        raise SpecError("nproc_per_node must be >= 1")
+    if launcher == "local" and nproc > 1:
+        raise SpecError("nproc_per_node > 1 needs launcher: torchrun (or submitit)")
+    return {"heartbeat_interval_s": heartbeat, "grace_period_s": grace, "launcher": launcher,
+            "nproc_per_node": nproc, "submitit": _parse_submitit(raw.get("submitit"), launcher)}
+
+
+def _parse_submitit(raw: Any, launcher: str) -> SubmititSpec:
+    if raw is None:
+        return SubmititSpec()
+    if launcher != "submitit":
+        raise SpecError("submitit: settings need launcher: submitit")
+    if not isinstance(raw, Mapping):
+        raise SpecError("submitit must be a mapping (cluster, partition, gpus_per_trial, time_limit_min, mem_gb, ...)")
+    unknown = set(raw) - _SUBMITIT_KEYS
+    if unknown:
+        raise SpecError(f"submitit: unknown keys {sorted(unknown)}; allowed: {sorted(_SUBMITIT_KEYS)}")
+    out = SubmititSpec()
+    cluster = str(raw.get("cluster", "auto")).lower()
+    if cluster not in SUBMITIT_CLUSTERS:
+        raise SpecError(f"submitit.cluster must be one of {SUBMITIT_CLUSTERS}, got {raw.get('cluster')!r}")
+    out.cluster = cluster
+    out.folder = str(raw["folder"]) if raw.get("folder") else None
+    out.partition = str(raw["partition"]) if raw.get("partition") else None
+    for key, kind in (("gpus_per_trial", int), ("cpus_per_trial", int), ("mem_gb", float), ("time_limit_min", float)):
+        if raw.get(key) is not None:
+            value = _as_number(f"submitit.{key}", raw[key], kind)
+            if value < 0 or (key != "gpus_per_trial" and value == 0):
+                raise SpecError(f"submitit.{key} must be > 0")
+            setattr(out, key, value)
+    extra = raw.get("slurm_additional_parameters") or {}
+    if not isinstance(extra, Mapping):
+        raise SpecError("submitit.slurm_additional_parameters must be a mapping of #SBATCH options")
+    out.slurm_additional_parameters = dict(extra)
+    setup = raw.get("setup") or []
+    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+        raise SpecError("submitit.setup must be a list of shell lines")
+    out.setup = list(setup)
+    return out
 
 
 def load_spec(path: Path) -> StudySpec:

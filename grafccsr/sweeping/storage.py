@@ -1,14 +1,22 @@
 """Optuna storage URLs (SQLite / any RDB URL / ``journal:<path>``) and the cross-process lock
-that makes "count the study's trials, then ask for one more" atomic on local storages."""
+that makes "count the study's trials, then ask for one more" atomic: a lock file for SQLite and
+journal files, a PostgreSQL advisory lock for PostgreSQL."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from grafccsr.paths import PROJECT_ROOT
+from grafccsr.sweeping.spec import SpecError
+
+try:
+    import fcntl
+except ImportError:  # Windows: the study lock is then a thread lock only
+    fcntl = None
 
 SQLITE_BUSY_TIMEOUT_S = 60
 JOURNAL_PREFIX = "journal:"
@@ -41,13 +49,19 @@ def local_file(url: str) -> Optional[Path]:
     return None
 
 
-def make_storage(url: str, heartbeat_interval_s: Optional[int] = None):
+def is_postgres(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+def make_storage(url: str, heartbeat_interval_s: Optional[int] = None, grace_period_s: Optional[int] = None,
+                 stale_callback: Optional[Callable[[Any, Any], None]] = None):
     """An Optuna storage object for ``url``.
 
-    RDB storages record heartbeats (when ``heartbeat_interval_s``) so that trials of a sweep
-    process that died are marked FAIL by the next process and re-queued once
-    (``RetryFailedTrialCallback``). SQLite gets a 60 s busy timeout so several sweep processes
-    can write to one file. Journal files have no heartbeat in Optuna.
+    RDB storages record heartbeats (when ``heartbeat_interval_s``): a RUNNING trial without a
+    heartbeat for ``grace_period_s`` (default 2 x interval) is marked FAIL by the next
+    ``fail_stale_trials`` of any sweep process, which then calls ``stale_callback(study, trial)``
+    (default: Optuna's ``RetryHeartbeatStaleTrialCallback(max_retry=1)``). SQLite gets a 60 s busy
+    timeout so several sweep processes can write to one file. Journal files have no heartbeat.
     """
     import optuna
 
@@ -66,7 +80,9 @@ def make_storage(url: str, heartbeat_interval_s: Optional[int] = None):
     kwargs = {}
     if heartbeat_interval_s:
         kwargs.update(heartbeat_interval=int(heartbeat_interval_s),
-                      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+                      grace_period=int(grace_period_s) if grace_period_s else None,
+                      heartbeat_stale_trial_callback=stale_callback
+                      or optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
@@ -80,25 +96,83 @@ def redact(url: str) -> str:
     return url
 
 
-class StudyLock:
-    """A re-entrant-free mutex across the threads of this process and, for local storages,
-    across processes (``fcntl.flock`` on ``<storage file>.sweep-lock``; not ``.lock``, which
-    Optuna's journal symlink lock uses). Server RDBs get the
-    thread lock only: concurrent processes there may overshoot ``n_trials`` by at most one
-    trial per extra process, as Optuna's own ``MaxTrialsCallback`` does."""
+def advisory_key(study_name: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_lock`` (one per study name)."""
+    digest = hashlib.sha256(f"grafccsr-sweep:{study_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
-    def __init__(self, storage_url: str) -> None:
+
+class StudyLock:
+    """A non-re-entrant mutex across the threads of this process and across processes:
+    ``fcntl.flock`` on ``<storage file>.sweep-lock`` for SQLite and journal files (not ``.lock``,
+    which Optuna's journal symlink lock uses); ``pg_advisory_lock`` on a connection of its own for
+    PostgreSQL (released by the server if the holder dies, so a SIGKILLed sweep never blocks the
+    others). The sweep holds it while it opens the study (schema creation on a fresh database
+    races otherwise) and finds or creates the MLflow parent run, and for "count, then ask".
+    Other server RDBs (MySQL) get the thread lock only: concurrent processes there may overshoot
+    ``n_trials`` by at most one trial per extra process."""
+
+    def __init__(self, storage_url: str, study_name: str = "") -> None:
         self._thread_lock = threading.Lock()
         path = local_file(storage_url)
         self.path = path.with_name(path.name + ".sweep-lock") if path is not None else None
         self._fh = None
+        self._pg_url = storage_url if is_postgres(storage_url) else None
+        self._pg_key = advisory_key(study_name)
+        self._pg_engine = None
+        self._pg_conn = None
+
+    def _pg_lock(self) -> None:
+        import sqlalchemy
+
+        if self._pg_engine is None:
+            self._pg_engine = sqlalchemy.create_engine(self._pg_url, poolclass=sqlalchemy.pool.NullPool)
+        for attempt in (0, 1):  # a connection dropped since the last use (server restart): reconnect once
+            try:
+                if self._pg_conn is None:
+                    self._pg_conn = self._pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                self._pg_conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._pg_key})
+                return
+            except sqlalchemy.exc.OperationalError as err:
+                self._pg_close()
+                if attempt:
+                    detail = str(getattr(err, "orig", err)).strip().splitlines()
+                    raise SpecError(f"storage {redact(self._pg_url)}: cannot connect "
+                                    f"({detail[0] if detail else type(err).__name__})") from None
+
+    def _pg_unlock(self) -> None:
+        import sqlalchemy
+
+        try:
+            self._pg_conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._pg_key})
+        except Exception:  # noqa: BLE001 - a lost connection released the lock already
+            self._pg_close()
+
+    def _pg_close(self) -> None:
+        if self._pg_conn is not None:
+            try:
+                self._pg_conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._pg_conn = None
+
+    def close(self) -> None:
+        self._pg_close()
+        if self._pg_engine is not None:
+            self._pg_engine.dispose()
+            self._pg_engine = None
 
     def __enter__(self) -> "StudyLock":
         self._thread_lock.acquire()
-        if self.path is not None:
+        if self._pg_url is not None:
             try:
-                import fcntl
-            except ImportError:  # Windows: thread lock only
+                self._pg_lock()
+            except BaseException:
+                self._thread_lock.release()
+                raise
+            return self
+        if self.path is not None:
+            if fcntl is None:
                 return self
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +188,9 @@ class StudyLock:
 
     def __exit__(self, *exc) -> None:
         try:
+            if self._pg_conn is not None:
+                self._pg_unlock()
             if self._fh is not None:
-                import fcntl
-
                 fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
                 self._fh.close()
                 self._fh = None

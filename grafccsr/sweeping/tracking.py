@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from grafccsr.paths import default_tracking_uri
+from grafccsr.sweeping.pareto import pareto_payload, plot_front, plot_front_html, trial_row
 from grafccsr.sweeping.spec import StudySpec
+from grafccsr.sweeping.storage import resolve_storage_url
 
 PARENT_ATTR = "mlflow_parent_run_id"
 PARENT_URI_ATTR = "mlflow_tracking_uri"
@@ -20,11 +24,7 @@ def resolve_tracking_uri(uri: Optional[str]) -> Optional[str]:
     if uri is not None and uri.lower() in ("none", "off", "false", ""):
         return None
     if uri is None:
-        from grafccsr.paths import default_tracking_uri
-
         return default_tracking_uri()
-    from grafccsr.sweeping.storage import resolve_storage_url
-
     return resolve_storage_url(uri) if uri.startswith("sqlite:///") else uri
 
 
@@ -103,15 +103,17 @@ class SweepTracker:
 
     # -------------------------------------------------------------- child runs
     def annotate_child(self, run_id: str, trial_number: int, state: str, reason: Optional[str],
-                       message: str) -> None:
-        """Tag a training run with its trial; make sure a failed/stopped run is not left RUNNING."""
+                       message: str, extra_tags: Optional[Dict[str, Any]] = None) -> None:
+        """Tag a training run with its trial and where it ran (``launcher``, ``ranks``,
+        ``job_id``, ``host``); make sure a failed/stopped run is not left RUNNING."""
+        from mlflow.entities import RunTag
+
         tags = {"optuna_study": self.spec.study_name, "optuna_trial_number": str(trial_number),
-                "optuna_state": state}
+                "optuna_state": state, **{k: str(v) for k, v in (extra_tags or {}).items() if v is not None}}
         if reason:
             tags["failure_reason"] = reason
             tags["failure_message"] = message[:4000]
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
         if reason:
             run = self.client.get_run(run_id)
             if run.info.status in ("RUNNING", "SCHEDULED"):
@@ -134,17 +136,46 @@ class SweepTracker:
         self.client.set_terminated(run.info.run_id, status="KILLED" if state == "PRUNED" else "FAILED")
         return run.info.run_id
 
+    def find_child(self, trial_number: int) -> Optional[str]:
+        """The MLflow run a trial's trainer created (tags ``optuna_study``/``optuna_trial_number``
+        are passed to every trainer at launch), or None."""
+        name = self.spec.study_name.replace("'", "")
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=5, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.optuna_study = '{name}' and tags.optuna_trial_number = '{int(trial_number)}'")
+        for run in found:
+            if run.data.tags.get("mlflow.parentRunId") == self.run_id:
+                return run.info.run_id
+        return found[0].info.run_id if found else None
+
+    def close_lost(self, trial, message: str, extra_tags: Optional[Dict[str, Any]] = None) -> str:
+        """A trial whose sweep process died (stale heartbeat): its MLflow run ends FAILED with
+        ``failure_reason=worker_lost`` (not left RUNNING, nor KILLED by the trainer's own SIGTERM
+        handling); a trial that never got as far as a run gets one, so MLflow lists it too."""
+        from mlflow.entities import RunTag
+
+        run_id = trial.user_attrs.get("mlflow_run_id") or self.find_child(trial.number)
+        if run_id is None:
+            return self.record_unlaunched(trial.number, dict(trial.params), "FAIL", "worker_lost", message,
+                                          {k: str(v) for k, v in (extra_tags or {}).items() if v is not None})
+        tags = {"optuna_study": self.spec.study_name, "optuna_trial_number": str(trial.number), "optuna_state": "FAIL",
+                "failure_reason": "worker_lost", "failure_message": message[:4000], "status_detail": "worker_lost",
+                **{k: str(v) for k, v in (extra_tags or {}).items() if v is not None}}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        if self.client.get_run(run_id).info.status != "FAILED":
+            self.client.set_terminated(run_id, status="FAILED")
+        return run_id
+
     # -------------------------------------------------------------- end of sweep
-    def log_results(self, study, front: Sequence[Any], status: str = "FINISHED") -> None:
+    def log_results(self, study, front: Sequence[Any], status: str = "FINISHED", terminate: bool = True) -> None:
         """Pareto front on the parent run: ``pareto.json`` (latest, overwritten), an MLflow
         table ``pareto_tables/after_<N>_trials.json`` (one per distinct study size: log_table
         appends to an existing file, so it is never re-logged), ``trials.json``, ``pareto.png``
-        (and ``pareto.html`` with plotly), and count metrics."""
+        (and ``pareto.html`` with plotly), and count metrics. ``terminate=False`` (other sweep
+        processes still run trials of the study) leaves the parent RUNNING for the last one."""
         import pandas as pd
         from mlflow.entities import Metric
         from optuna.trial import TrialState
-
-        from grafccsr.sweeping.pareto import pareto_payload, plot_front, plot_front_html, trial_row
 
         spec, run_id = self.spec, self.run_id
         payload = pareto_payload(study, spec, front)
@@ -172,8 +203,6 @@ class SweepTracker:
         for t in trials:
             if t.state.name.lower() in counts:
                 counts[t.state.name.lower()] += 1
-        import time
-
         now = int(time.time() * 1000)
         metrics = [Metric(f"sweep/n_{k}", float(v), now, len(finished)) for k, v in counts.items()]
         metrics.append(Metric("sweep/n_pareto", float(len(front)), now, len(finished)))
@@ -181,4 +210,5 @@ class SweepTracker:
             1 for t in trials if t.state == TrialState.COMPLETE and any(v > 0 for v in t.constraints.values()))),
             now, len(finished)))
         self.client.log_batch(run_id, metrics=metrics, synchronous=True)
-        self.client.set_terminated(run_id, status=status)
+        if terminate:
+            self.client.set_terminated(run_id, status=status)

@@ -1,0 +1,9 @@
+"""Local services for multi-process sweeps: PostgreSQL (Optuna storage) and an MLflow tracking
+server backed by it. ``python -m grafccsr.services start|stop|status`` (``make services``);
+see :mod:`grafccsr.services.local`."""
+
+from grafccsr.services.local import (INSTALL_HINT, MLFLOW_DB, OPTUNA_DB, PG_ROLE, PostgresMissing, Services,
+                                     ServicesError, find_pg_bin)
+
+__all__ = ["INSTALL_HINT", "MLFLOW_DB", "OPTUNA_DB", "PG_ROLE", "PostgresMissing", "Services", "ServicesError",
+           "find_pg_bin"]
