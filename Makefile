@@ -12,14 +12,17 @@ TRIALS ?=
 WORKERS ?= 1
 DEVICE ?= cpu
 NAME   ?=
+NPROC  ?= 2
 PORT   ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train smoke sweep ablation report bench estimate max-batch calibrate rss gpu-check gpu-wheels dashboard ui clean
+.PHONY: help install test test-slow train train-ddp smoke sweep ablation report quality bench estimate max-batch calibrate rss gpu-check gpu-wheels dashboard ui clean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: ARGS='hydra overrides'  STUDY=smoke|memory_quality  TRIALS=N  WORKERS=N  DEVICE=cpu|cuda"
+	@if [ -t 1 ]; then c='\033[36m'; r='\033[0m'; else c=''; r=''; fi; \
+	awk -v c="$$c" -v r="$$r" 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %s%-11s%s %s\n", c, $$1, r, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: ARGS='overrides and flags'  STUDY=smoke|memory_quality  TRIALS=N  WORKERS=N  DEVICE=cpu|cuda"
+	@echo "             NAME=experiment-or-study (report)  PORT=N (ui, default 5000)  NPROC=N (train-ddp, default 2)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -38,11 +41,21 @@ test-slow: install ## run the slow tests too
 train: install ## train the default job on the embedded dataset (CPU: ~12 min); ARGS='+exp=amp_bs8 ...'
 	$(PY) -m grafccsr.train $(ARGS)
 
+train-ddp: install ## torchrun: NPROC ranks on this machine (CPU: add train.device=cpu); ARGS='+exp=smoke train.device=cpu'
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m grafccsr.train $(ARGS)
+
 smoke: install ## a seconds-long end-to-end training run
 	$(PY) -m grafccsr.train +exp=smoke $(ARGS)
 
 sweep: install ## Optuna study: STUDY=smoke|memory_quality TRIALS=N WORKERS=N
 	$(PY) -m grafccsr.sweep sweeps/$(STUDY).yaml $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS) $(ARGS)
+
+.PHONY: services services-stop
+services: install ## local PostgreSQL + MLflow server in .services/ (prints --storage and tracking.uri; idempotent)
+	$(PY) -m grafccsr.services start $(ARGS)
+
+services-stop: ## stop what `make services` started (also cleans up stale pid files)
+	@if [ -x $(PY) ]; then $(PY) -m grafccsr.services stop $(ARGS); else echo "no $(VENV): nothing was started"; fi
 
 ablation: install ## memory guide items one by one vs a baseline (CPU ~15 min; ARGS='--preset gpu' on CUDA)
 	$(PY) -m analysis.ablation $(ARGS)
@@ -50,13 +63,16 @@ ablation: install ## memory guide items one by one vs a baseline (CPU ~15 min; A
 report: install ## reports/<NAME>/report.md + html (NAME = MLflow experiment or sweep study; default grafccsr)
 	$(PY) -m analysis.report $(if $(NAME),--name $(NAME)) $(ARGS)
 
+quality: install ## time-to-quality benchmark of the recipes, reports/quality/ (CPU: --budget-min 40 by default)
+	$(PY) -m analysis.quality $(ARGS)
+
 bench: install ## speed/memory benchmark table vs the original preset (DEVICE=cpu|cuda)
 	$(PY) -m grafccsr.bench --device $(DEVICE) $(ARGS)
 
 estimate: install ## CUDA peak-memory estimate without a GPU: ARGS='+exp=amp_bs8'
 	$(PY) -m grafccsr.memory estimate $(ARGS)
 
-max-batch: install ## largest batch under a memory budget: ARGS='+exp=amp_bs8 budget_mb=24000 [--search-samples]'
+max-batch: install ## largest batch under a memory budget: ARGS='+exp=amp_bs8 --budget-mb 24000 [--search-samples]'
 	$(PY) -m grafccsr.memory max-batch $(ARGS)
 
 calibrate: install ## estimator vs measured peaks, CSV + table (DEVICE=cuda on a GPU)

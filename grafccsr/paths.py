@@ -1,15 +1,20 @@
-"""Where the project's files live: the checkout root, its configs and default stores.
+"""Where the project's files live: its configs and the default stores.
 
-One place for every path default, so that data, tracking, metrics and tools agree.
+Run from a checkout, defaults sit in the checkout (``data/``, ``mlflow.db``, ``runs/`` under
+the working directory); installed from a wheel, the configs come with the package and the
+stores go to the current directory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-"""The checkout (the folder holding ``conf/``, ``sweeps/``, ``pyproject.toml``)."""
-CONF_DIR = PROJECT_ROOT / "conf"
+_CHECKOUT = Path(__file__).resolve().parent.parent
+IN_CHECKOUT = (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "conf" / "config.yaml").is_file()
+
+PROJECT_ROOT = _CHECKOUT if IN_CHECKOUT else Path.cwd()
+"""The checkout, or (installed) the directory the tools were started in."""
+CONF_DIR = _CHECKOUT / "conf" if IN_CHECKOUT else Path(__file__).resolve().parent / "conf"
 """Hydra's config tree."""
 DATA_DIR = PROJECT_ROOT / "data"
 """Generated datasets and the FID real-statistics cache."""

@@ -46,7 +46,7 @@ def test_misspelt_key_fails_naming_it_and_the_nearest_key():
 
 
 def test_appended_unknown_key_fails():
-    with pytest.raises(ConfigError, match=r"train\.btach_size is not a config key; did you mean 'batch_size'"):
+    with pytest.raises(ConfigError, match=r"train\.btach_size is not a config key; did you mean 'train\.batch_size'"):
         load_config(["+train.btach_size=2"])
 
 
@@ -59,7 +59,7 @@ def test_wrong_type_fails_naming_the_key():
 def test_unknown_key_in_stored_values_fails():
     from grafccsr.config import from_dict
 
-    with pytest.raises(ConfigError, match="train.batchsize is not a config key; did you mean 'batch_size'"):
+    with pytest.raises(ConfigError, match="train.batchsize is not a config key; did you mean 'train.batch_size'"):
         from_dict({"train": {"batchsize": 4}})
 
 

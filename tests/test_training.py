@@ -4,7 +4,6 @@ import copy
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +218,33 @@ def test_sigterm_checkpoints_and_ends_killed(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(tracking_uri=mlflow_uri).get_run(summary["mlflow_run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("extra, every", [([], 1), (["train.amp.policy=all", "train.amp.dtype=bf16"], 1), ([], 3)])
+def test_d_step_adds_grafs_r1_penalty(extra, every):
+    """The D step's R1 is GRAF's penalty (an independent formula on the same real patches),
+    in FP32 under AMP too, and the step's loss grows by exactly gamma * r1_every times it
+    (without AMP the real forward is the same with and without R1, so the difference is the
+    penalty alone); a lazy step in between adds nothing."""
+    from grafccsr.sizing.synthetic import synthetic_batch
+    from test_losses import graf_r1
+
+    gamma = 10.0
+    overrides = ["train.batch_size=4", f"train.r1_every={every}", *extra]
+    losses, recorded, reference = {}, {}, None
+    for g in (gamma, 0.0):
+        cfg, step, _ = make_step(overrides + [f"train.r1_gamma={g}"])
+        batch = synthetic_batch(cfg, 2, generator=torch.Generator().manual_seed(3))
+        if g:  # GRAF's penalty on exactly the patches the step will draw, through D as it is now
+            disc, rng = copy.deepcopy(step.discriminator), step.rng.get_state()
+            reals = step.real_patches(batch.images, 0)
+            step.rng.set_state(rng)
+            reference = graf_r1(lambda x: disc(x, batch.labels[:, 0])[0], reals, gamma).item()
+        sums = step.d_step(batch, 0)
+        losses[g], recorded[g] = sums["loss/d"].item(), sums["loss/r1"].item()
+        if every > 1:
+            assert step.d_step(batch, 1)["loss/r1"].item() == 0.0  # lazy: no penalty on this step
+    assert reference > 1e-4
+    assert gamma * recorded[gamma] == pytest.approx(reference, rel=1e-5)
+    if not extra:
+        assert losses[gamma] - losses[0.0] == pytest.approx(every * reference, rel=2e-3)

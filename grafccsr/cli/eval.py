@@ -79,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from grafccsr.evaluation import evaluate, find_run_checkpoint, load_eval_model
     from grafccsr.evaluation.checkpoint import check_eval_overrides, checkpoint_in
     from grafccsr.metrics import EXTRACTOR_TAG
-    from grafccsr.tracking.mlflow import log_evaluation, resolve_uri
+    from grafccsr.tracking.store import resolve_uri
 
     args = parse(build_parser(), sys.argv[1:] if argv is None else argv)
     opts = options(args)
@@ -107,6 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if model.run_id and model.cfg.tracking.backend == "mlflow":
         uri = uri_override or model.tracking_uri or resolve_uri(model.cfg.tracking.uri)
         name = f"eval it{model.iteration} {out_dir.name}"
+        from grafccsr.tracking.mlflow import log_evaluation  # imports mlflow
+
         child, url = log_evaluation(uri, model.run_id, name, model.iteration, metrics, files, EXTRACTOR_TAG)
         print(f"logged as MLflow run {child} (child of {model.run_id}): {url}", file=sys.stderr)
     else:

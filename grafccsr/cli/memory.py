@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -28,7 +29,8 @@ from grafccsr.config import ConfigError, load_config
 def cmd_estimate(args) -> int:
     from grafccsr.sizing.estimate import estimate_overrides
 
-    est = estimate_overrides(args.overrides, args.num_classes, render_phases=not args.train_only)
+    est = estimate_overrides(args.overrides, args.num_classes, render_phases=not args.train_only,
+                             world_size=args.world_size)
     print(est.table())
     if args.json:
         Path(args.json).write_text(json.dumps(est.to_dict(), indent=2))
@@ -111,8 +113,6 @@ def cmd_rss(args) -> int:
     print(f"peak RSS above baseline: {result.peak_rss_above_baseline_mb:.0f} MiB "
           f"(baseline {result.baseline_rss_mb:.0f} MiB after building models, optimisers and batch)")
     if args.json:
-        from dataclasses import asdict
-
         Path(args.json).write_text(json.dumps({"config": shown, **asdict(result), "median_s": result.median_s}, indent=2))
         print(f"wrote {args.json}")
     return 0
@@ -131,6 +131,8 @@ def build_parser():
     add_overrides(e)
     e.add_argument("--num-classes", type=int, default=None, help="classes (default: data.synthetic.num_classes)")
     e.add_argument("--train-only", action="store_true", help="skip the sample/eval render phases")
+    e.add_argument("--world-size", type=int, default=1,
+                   help="ranks of a torchrun job: estimate one rank (batch / N images, all-reduce buffers)")
     e.add_argument("--json", default=None, help="also write the estimate as JSON here")
     e.set_defaults(func=cmd_estimate)
 

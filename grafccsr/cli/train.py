@@ -11,10 +11,12 @@ Exit codes: 0 finished, 1 bug (traceback), 2 bad config, 3 out of memory, 4 NaN/
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
 import sys
+from contextlib import redirect_stderr
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -54,19 +56,36 @@ def plan_run(overrides: Sequence[str], composed=None) -> Tuple[Config, Optional[
     resume = _resume_value(overrides)
     if resume is None:
         return to_config(composed if composed is not None else compose(overrides)), None
+    home = None
+    if resume.startswith("mlflow:"):  # the run folder is on another machine: its uploaded checkpoint
+        run_id = resume[len("mlflow:"):]
+        home = Path("runs") / "resumed" / run_id
+        resume = str(_fetch_from_mlflow(run_id, overrides, home / "download"))
     ckpt = resolve_checkpoint(resume)
     stored = load_checkpoint(ckpt)["config"]
     rest = [o for o in overrides if not o.lstrip("+").startswith("resume=")]
     cfg = apply_overrides(stored, rest)
     cfg.resume = str(ckpt)
+    home = home or ckpt.parent
     if not any(o.startswith("output_dir=") for o in rest):
-        cfg.output_dir = str(ckpt.parent)
-    return cfg, ckpt.parent
+        cfg.output_dir = str(home)
+    return cfg, home
+
+
+def _fetch_from_mlflow(run_id: str, overrides: Sequence[str], dest: Path) -> Path:
+    """``resume=mlflow:<run id>``: download the run's newest uploaded checkpoint (the run then
+    continues in ``runs/resumed/<run id>/`` and in the same MLflow run)."""
+    from grafccsr.tracking.mlflow import fetch_checkpoint  # imports mlflow
+    from grafccsr.tracking.store import resolve_uri
+
+    uris = [o.split("=", 1)[1] for o in overrides if o.startswith("tracking.uri=")]
+    return fetch_checkpoint(run_id, resolve_uri(uris[-1] if uris else None), dest)
 
 
 def run_name(cfg: Config, overrides: Sequence[str], folder: Path) -> str:
     """The preset, the overrides (shortened) and the run folder: unique across a multirun."""
-    shown = " ".join(o for o in user_overrides(overrides) if not o.startswith(("+exp=", "resume=")))
+    shown = " ".join(o for o in user_overrides(overrides)
+                     if not o.startswith(("+exp=", "resume=", "tracking.", "output_dir=")))
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return " ".join(part for part in (cfg.exp_name, shown, folder.name) if part)
@@ -81,34 +100,85 @@ def _leave_nothing(folder: Path) -> None:
         pass
 
 
-def task(dict_cfg) -> None:
-    """The Hydra task: plan, train, report; exits with the run's code."""
+def task(dict_cfg) -> int:
+    """The Hydra task: plan, train, report. A single run exits with its code; a multirun job
+    returns it (the callback marks the parent run FAILED when one job failed)."""
     from hydra.core.hydra_config import HydraConfig
 
     from grafccsr.tracking import build_tracker
     from grafccsr.training.loop import train
 
+    from hydra.types import RunMode
+
+    from grafccsr.tracking.multirun import PARENT_ENV
+
+    from grafccsr.training import distributed
+
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     hydra_folder = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    rank = distributed.from_env()
     try:
         cfg, _ = plan_run(overrides, composed=dict_cfg)
+        if os.environ.get(PARENT_ENV) and not cfg.tracking.parent_run_id:
+            cfg.tracking.parent_run_id = os.environ[PARENT_ENV]
         output_dir = Path(cfg.output_dir or hydra_folder)
         note = "python -m grafccsr.train " + " ".join(overrides)
         result = train(cfg, output_dir, build_tracker, run_name=run_name(cfg, overrides, output_dir), note=note)
     except (Exception, KeyboardInterrupt) as err:
-        code = exit_code_for(err, PROG)
+        code = exit_code_for(err, PROG) if rank.is_main else _quiet_code(err)
         if code is None:
             raise
-        _leave_nothing(hydra_folder)
+        if rank.is_main:
+            _leave_nothing(hydra_folder)
+        if multirun:  # the other jobs of the multirun still run
+            return code
         sys.exit(code)
     summary = result.summary
+    if not rank.is_main:  # rank 0 reports
+        if result.exit_code and not multirun:
+            sys.exit(result.exit_code)
+        return result.exit_code
+    if not summary:  # stopped before the run was opened: nothing to keep
+        _leave_nothing(hydra_folder)
     line = result.status + (f" ({result.reason}: {summary.get('message', '')})" if result.reason else "")
     print(f"{line} - iteration {summary.get('iteration')} - run folder {output_dir}")
     if summary.get("mlflow_run_id"):
         print(f"MLflow run {summary['mlflow_run_id']}: {summary.get('mlflow_url') or summary.get('tracking_uri')}")
-    if result.exit_code:
+    if result.exit_code and not multirun:
         sys.exit(result.exit_code)
+    return result.exit_code
+
+
+def _quiet_code(err: BaseException) -> Optional[int]:
+    """Ranks other than 0 exit with the same code as rank 0, without printing."""
+    with redirect_stderr(io.StringIO()):
+        return exit_code_for(err, PROG)
+
+
+def torchrun_overrides(overrides: Sequence[str], cfg: Config, resumed: Optional[Path]) -> List[str]:
+    """Under torchrun: every rank (and every restart) uses one run folder named after the
+    job's rendezvous id; ranks other than 0 write no Hydra files and log only warnings; a
+    restarted job resumes from that folder's checkpoint."""
+    from grafccsr.training import distributed
+
+    info = distributed.from_env()
+    if not info.enabled:
+        return []
+    extra: List[str] = []
+    explicit = any(o.startswith("hydra.run.dir=") for o in overrides)
+    folder = resumed
+    if folder is None and not explicit:
+        job = os.environ.get("TORCHELASTIC_RUN_ID", "job")[:12]
+        folder = Path("runs") / cfg.exp_name / f"torchrun-{job}"
+        extra.append(f"hydra.run.dir={folder}")
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if restarted and (folder / "checkpoint.pt").is_file():
+            extra += [f"resume={folder}", "hydra.output_subdir=null"]
+    if not info.is_main:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return extra
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -122,12 +192,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1")  # we print the link ourselves
     if not (args.help or args.hydra_help or args.shell_completion or args.info or args.multirun):
         try:
-            _, resumed_folder = plan_run(args.overrides)
+            cfg, resumed_folder = plan_run(args.overrides)
+            if resumed_folder is not None:
+                # continue in the run's own folder (train.log appended), keeping its .hydra/
+                argv += [f"hydra.run.dir={resumed_folder}", "hydra.output_subdir=null"]
+            argv += torchrun_overrides(args.overrides, cfg, resumed_folder)
         except ConfigError as err:
-            sys.exit(error(str(err), EXIT_CONFIG, PROG))
-        if resumed_folder is not None:
-            # continue in the run's own folder (train.log appended), keeping its .hydra/
-            argv += [f"hydra.run.dir={resumed_folder}", "hydra.output_subdir=null"]
+            from grafccsr.training import distributed
+
+            sys.exit(error(str(err), EXIT_CONFIG, PROG) if distributed.from_env().is_main else EXIT_CONFIG)
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
 

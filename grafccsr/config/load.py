@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from grafccsr.config.docs import help_template
 from grafccsr.config.schema import Config, ConfigError
 from grafccsr.paths import CONF_DIR
 
@@ -54,18 +55,21 @@ def hydra_schema(cls: Type) -> Type:
 
 
 def register_configs() -> None:
-    """Put the schema into Hydra's ConfigStore as ``base_config``."""
+    """Put the schema into Hydra's ConfigStore as ``base_config``, and the ``--help`` text
+    generated from it as ``hydra/help=grafccsr``."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=hydra_schema(Config))
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=hydra_schema(Config))
+    store.store(group="hydra/help", name="grafccsr", node=help_template())
 
 
 # --------------------------------------------------------------------------- values -> dataclasses
 
 
-def _nearest(name: str, choices: Iterable[str]) -> str:
+def _nearest(name: str, choices: Iterable[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
 
 def _check_value(key: str, tp: Any, value: Any, bounds: Mapping[str, float]) -> None:
@@ -87,7 +91,7 @@ def _build(cls: Type, data: Mapping[str, Any], prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key} is not a config key{_nearest(str(key), names)}")
+            raise ConfigError(f"{prefix}{key} is not a config key{_nearest(str(key), names, prefix)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -122,6 +126,19 @@ def validate(cfg: Config) -> Config:
         if check is not None:
             check(cfg)
     return cfg
+
+
+def upgrade(data: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config stored by an earlier version, in today's keys (checkpoints outlive the code):
+    ``data.camera`` became ``camera``; ``model.field.class_conditioning`` was a bool."""
+    data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    if isinstance(data.get("data"), dict) and "camera" in data["data"] and "camera" not in data:
+        data["camera"] = data["data"].pop("camera")
+    field = (data.get("model") or {}).get("field") if isinstance(data.get("model"), Mapping) else None
+    if isinstance(field, Mapping) and isinstance(field.get("class_conditioning"), bool):
+        data["model"] = {**data["model"], "field": {**field, "class_conditioning":
+                                                     "add" if field["class_conditioning"] else "none"}}
+    return data
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:
@@ -280,7 +297,7 @@ def apply_overrides(stored: Mapping[str, Any], overrides: Sequence[str]) -> Conf
         if key.startswith("exp") and "." not in key:
             raise ConfigError(f"{override.input_line}: presets cannot apply to a stored config")
         values[key] = override.value()
-    data = OmegaConf.to_container(OmegaConf.create(dict(stored)), resolve=True)
+    data = OmegaConf.to_container(OmegaConf.create(upgrade(stored)), resolve=True)
     return replace(from_dict(data), values)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
 
@@ -157,6 +158,16 @@ class PatchConfig:
     antialias: bool = False
     """Box-filter real images to the patch spacing (a mip-map) before sampling. Off: reals are
     point-sampled like the generator's one ray per pixel, as in GRAF and graf_ccsr."""
+    align_corners: bool = False
+    """Where a patch's P x P points lie. False: the centres of a P x P tiling of the patch (a
+    whole-image patch at P = image size is exactly the pixel centres). True: GRAF's and
+    graf_ccsr's convention, ``linspace(-1, 1, P)`` read with ``grid_sample(align_corners=True)``:
+    the outer points sit on the outermost pixel centres of the region. Both the rays and the
+    real patch use the same points. The two agree when a whole-image patch has the image's
+    resolution; at P < image size they sample other image points (e.g. a 32^2 thumbnail of a
+    64^2 image: False reads midway between pixel pairs, a 2x2 average; True reads the pixels
+    at k * 63/31, mostly unfiltered), so D sees other reals. Needs the image size
+    (``PatchSampler(..., image_size=data.image_size)``)."""
 
     @property
     def side(self) -> int:
@@ -197,9 +208,20 @@ class FieldConfig:
     z_shape_dim: int = bounded(32, ge=0)
     """Latent code part fed to the trunk (shape; GRAF: 128)."""
     z_appearance_dim: int = bounded(32, ge=0)
-    """Latent code part fed to the colour branch (appearance; GRAF: 128)."""
-    class_conditioning: bool = True
-    """Add a learned per-class embedding to z (broadcast per sample)."""
+    """Latent code part fed to the colour branch (appearance; GRAF: 128; graf_ccsr: 0, all of z
+    went into the trunk: ``z_shape_dim=256, z_appearance_dim=0``)."""
+    class_conditioning: Literal["add", "scale", "none"] = "add"
+    """How the class modulates z (per sample, before the shape/appearance split). ``add``:
+    z + embedding(class) (embedding initialised N(0, 0.1^2)). ``scale``: graf_ccsr's
+    z * LayerNorm(embedding(class)) (embedding initialised N(0, 1), LayerNorm with its affine
+    weight and bias: 256 + 512 parameters per class at z_dim 256). ``none``: no class input."""
+    execution: Literal["fused", "concat"] = "fused"
+    """How the field is computed; the same function and gradients either way (tested). ``fused``:
+    each layer that reads z splits its weight, so the z term is one matmul per sample, not per
+    point, and the linear feature layer is composed into the colour branch. ``concat``: the
+    original's cost: PE(xyz) || z concatenated for every point (trunk input 63 + 256 = 319,
+    skip input 575 at graf_ccsr's sizes), a separate feature layer, then feature || PE(dir) || z_app
+    (283 = 256 + 27) into the colour branch: about 1.37x the fused field's matmul FLOPs there."""
 
     def check(self, root: "Config") -> None:
         if self.z_shape_dim + self.z_appearance_dim != root.model.z_dim:
@@ -219,7 +241,13 @@ class RenderConfig:
     samples_per_ray: int = bounded(24, gt=0)
     """Stratified depth samples per ray on [near, far] (GRAF and graf_ccsr: 64)."""
     importance_samples: int = bounded(0, ge=0)
-    """Extra samples per ray from the hierarchical pass (0 = off)."""
+    """Extra samples per ray from the hierarchical pass (0 = off): NeRF's coarse-to-fine with
+    GRAF's one network. The coarse pass (no graph) draws this many depths from its weights and
+    the union (samples_per_ray + this) is rendered again, so the field runs 2 S + I times per
+    ray. With NeRF's left-point quadrature it is no equal-quality substitute for more stratified
+    samples on hard-edged scenes: 16 + 16 is further from the analytic sphere than 64 (and 16)
+    stratified samples (tests/test_render_fewer_points.py); ``bound_radius`` is the switch that
+    does that."""
     perturb: bool = True
     """Jitter the stratified samples during training."""
     density_noise_std: float = bounded(1.0, ge=0)
@@ -228,6 +256,32 @@ class RenderConfig:
     """The noise decays linearly to exactly 0 at this iteration (GRAF: 5000)."""
     white_background: bool = False
     """Composite on white instead of black."""
+    bound_radius: float = bounded(0.0, ge=0)
+    """Clip every ray to a ball of this radius around the origin (0 = off: samples span
+    [near, far]). The samples are spread over the part of [near, far] inside the ball, so the
+    same samples_per_ray sample the object more densely (about 4x at the default camera with
+    0.37, the ball holding every embedded object); the last sample's interval ends at the ball
+    (the plain render's last interval reaches infinity). Rays that miss the ball get
+    zero-length intervals: zero opacity, colour and depth (the background). The field is still
+    evaluated for them (static shapes), except under ``termination_transmittance``, which skips
+    them. CHANGES THE MATHS: anything the field puts outside the ball is not rendered."""
+    termination_transmittance: float = bounded(0.0, ge=0, lt=1)
+    """Early ray termination in renders without autograd (D-step fakes with
+    ``memory.fakes_without_graph``, samples, evaluation; 0 = off): samples are processed front to
+    back in depth chunks of ``termination_chunk`` and a ray whose transmittance has fallen below
+    this is not evaluated further (its live rays gathered, results scattered back). Differs from
+    the full render by at most this value in opacity and in colour (in [0, 1] units; twice that in
+    [-1, 1]) and ``far`` x this in depth. Renders with autograd (the G step) and renders traced
+    under FakeTensorMode (the estimator) use the full render."""
+    termination_chunk: int = bounded(8, gt=0)
+    """Samples per ray evaluated between two transmittance checks (with termination)."""
+
+    def check(self, root: "Config") -> None:
+        if self.bound_radius > 0 and self.bound_radius >= root.camera.radius:
+            raise ConfigError(
+                f"model.render.bound_radius={self.bound_radius} must be smaller than camera.radius="
+                f"{root.camera.radius} (the cameras must lie outside the ball)"
+            )
 
 
 @dataclass
@@ -237,6 +291,19 @@ class CCSRConfig:
     mode: Literal["off", "regularizer", "discriminator"] = "off"
     """``off``; ``regularizer`` (graf_ccsr: SR only feeds a consistency loss);
     ``discriminator`` (render at P, super-resolve to scale * P, D sees scale * P)."""
+    variant: Literal["ours", "graf_ccsr"] = "ours"
+    """``ours``: a batched scale-``scale`` SR of the patch (P -> scale * P), codes sampled with
+    the patch's grid, a residual upsampled input, CEM by blur + area downsampling. ``graf_ccsr``
+    (regularizer mode only, the only mode the original had): the original's computation and cost,
+    ONE SAMPLE AT A TIME (a Python loop over the batch): the patch is shrunk to ``lr_size``^2
+    (bilinear), upsampled to ``code_resolution``^2 (bilinear), concatenated with that view's whole
+    code image (not sampled with the patch grid), ``num_layers`` 3x3 convs + LeakyReLU and a conv
+    to 3 * scale^2 channels at that size, PixelShuffle(scale), LeakyReLU 0.2, clamp to [-1, 1], a
+    CEM with bilinear down/upsampling against the upsampled input, then a bilinear resize back to
+    the patch size P: ``super_resolve`` returns (B, 3, P, P) and the consistency loss compares it
+    with the render as is. graf_ccsr: lr_size 8, code_resolution 64, scale 4 (64^2 -> 256^2)."""
+    lr_size: int = bounded(8, gt=0)
+    """``graf_ccsr`` variant only: side the rendered patch is shrunk to before the SR network."""
     scale: Literal[1, 2, 3, 4, 8] = 2
     """Super-resolution factor."""
     num_views: int = bounded(8, gt=0)
@@ -268,6 +335,11 @@ class CCSRConfig:
             raise ConfigError(f"model.ccsr.cem_kernel={self.cem_kernel} must be a positive odd number")
         if 360 % self.num_views:
             raise ConfigError(f"model.ccsr.num_views={self.num_views} must divide 360 (azimuth bins of whole degrees)")
+        if self.variant == "graf_ccsr" and self.mode != "regularizer":
+            raise ConfigError(
+                f"model.ccsr.variant=graf_ccsr needs model.ccsr.mode=regularizer (got {self.mode}): the original's "
+                "SR output is only compared with the render at the patch size, it never feeds D"
+            )
         if self.mode != "off" and self.scale < 2:
             raise ConfigError(f"model.ccsr.scale={self.scale} must be >= 2 when model.ccsr.mode={self.mode}")
         if self.mode == "discriminator":
@@ -286,6 +358,15 @@ class CCSRConfig:
 class DiscriminatorConfig:
     """GRAF's DCGAN-style patch discriminator."""
 
+    variant: Literal["graf", "graf_ccsr"] = "graf"
+    """``graf``: channels ``base_channels * 2^k`` per level (capped at ``max_channels``), no norm
+    after the first conv, conv biases, the class one-hot only with more than one class, an aux
+    head only with ``aux_classifier``. ``graf_ccsr``: the original's D: the LAST level has
+    ``max_channels`` and each earlier level half as many (32^2: 128 -> 256 -> 512; 64^2:
+    64 -> 128 -> 256 -> 512; ``base_channels`` unused), ``norm`` after EVERY conv including the
+    first, no conv biases, the class one-hot channels always (even with one class), and a label
+    head (a 4x4 conv to the classes, or sum(n_each_task)) computed on every call and unused unless
+    ``aux_classifier``."""
     base_channels: int = bounded(32, gt=0)
     """Channels of the first 4x4 stride-2 conv; doubles per level (GRAF: 64)."""
     max_channels: int = bounded(512, gt=0)
@@ -343,7 +424,7 @@ class TrainConfig:
     """Images per optimiser step (split into grad_accum_steps micro-batches)."""
     grad_accum_steps: int = bounded(1, gt=0)
     """Micro-batches accumulated per step: same effective batch, less memory."""
-    max_iters: int = bounded(1500, gt=0)
+    max_iters: int = bounded(4000, gt=0)
     """Training iterations (one D step + one G step each)."""
     time_budget_s: float = bounded(0.0, ge=0)
     """Stop after this many seconds of training (0 = no limit), for equal-time comparisons;
@@ -391,6 +472,9 @@ class TrainConfig:
     """Iterations between checkpoints (0 = only at the end)."""
     num_sample_views: int = bounded(8, gt=0)
     """Views in the sample grid."""
+    dist_timeout_s: float = bounded(1800.0, gt=0)
+    """Under torchrun: seconds a rank waits for the others in a collective before the job
+    fails (rank 0 evaluates and samples while the others wait, so keep it above that)."""
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/Inf loss: ``stop`` the run or ``skip`` the step."""
     progress: bool = True
@@ -497,8 +581,6 @@ class EvalConfig:
                 f"eval.kid_subset_size={self.kid_subset_size} must be <= eval.num_samples={self.num_samples}"
             )
         if self.weights_path:
-            from pathlib import Path
-
             if not Path(self.weights_path).expanduser().is_file():
                 raise ConfigError(f"eval.weights_path={self.weights_path!r} is not a file")
 

@@ -12,6 +12,7 @@ import torch
 from grafccsr.config import Config, ConfigError, apply_overrides
 from grafccsr.models import build_models
 from grafccsr.training.build import resolve_device
+from grafccsr.tracking.store import CHECKPOINT_TAG
 from grafccsr.training.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError, load_checkpoint
 
 EVAL_OVERRIDE_PREFIXES = ("eval.", "memory.", "tracking.", "train.device=", "data.root=")
@@ -83,9 +84,15 @@ def find_run_checkpoint(run_id: str, uri: str, best: bool = False) -> tuple[Path
     except MlflowException as err:
         raise ConfigError(f"--run-id {run_id}: no such run in {uri} ({str(err).splitlines()[0]})") from None
     output_dir = run.data.tags.get("output_dir") or run.data.params.get("output_dir")
-    if not output_dir:
-        raise ConfigError(f"run {run_id} has no output_dir tag: pass --ckpt PATH instead")
-    path = checkpoint_in(output_dir, best)
+    if output_dir and Path(output_dir, BEST_NAME if best else CHECKPOINT_NAME).is_file():
+        path = checkpoint_in(output_dir, best)
+    elif not best and run.data.tags.get(CHECKPOINT_TAG):  # the run folder is on another machine
+        from grafccsr.tracking.mlflow import fetch_checkpoint  # imports mlflow
+
+        path = fetch_checkpoint(run_id, uri, Path("runs") / "resumed" / run_id / "download")
+    else:
+        raise CheckpointError(f"run {run_id}: no checkpoint in {output_dir or 'its output_dir'} and none uploaded "
+                              "to MLflow (tracking.log_checkpoints=true uploads them); pass --ckpt PATH instead")
     state = load_checkpoint(path)
     owner = state.get("mlflow_run_id")
     if owner != run_id:

@@ -15,7 +15,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from grafccsr.evaluation import media
 from grafccsr.evaluation.checkpoint import EvalModel
-from grafccsr.metrics import keyed
+from grafccsr.data import build_dataset
+from grafccsr.metrics import evaluate_generator, keyed
+from grafccsr.metrics.fidelity import eval_resolution, inception_weights_path
+from grafccsr.training.checkpoint import CheckpointError
 
 log = logging.getLogger("grafccsr.eval")
 
@@ -47,10 +50,6 @@ class EvalOptions:
 
 def compute_metrics(model: EvalModel, seed: int) -> Dict[str, Any]:
     """FID/KID of the model against its dataset (keys carry the extractor, :func:`keyed`)."""
-    from grafccsr.data import build_dataset
-    from grafccsr.metrics import evaluate_generator
-    from grafccsr.training.checkpoint import CheckpointError
-
     cfg = model.cfg
     dataset = build_dataset(cfg.data, cfg.camera)
     if dataset.num_classes != model.num_classes:
@@ -66,8 +65,6 @@ def compute_metrics(model: EvalModel, seed: int) -> Dict[str, Any]:
 
 def evaluate(model: EvalModel, out_dir: Path, opts: EvalOptions) -> Tuple[List[Path], Optional[Dict[str, Any]]]:
     """Write the chosen outputs into ``out_dir``; returns the files and the metrics (if computed)."""
-    from grafccsr.metrics.fidelity import eval_resolution, inception_weights_path
-
     cfg = model.cfg
     if "metrics" in opts.what and cfg.eval.extractor == "inception-v3-compat":
         inception_weights_path(cfg.eval.weights_path)  # fail before any rendering

@@ -8,6 +8,7 @@ blocks, the C library's freed-but-kept heap), unlike the live-tensor peak of
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -39,6 +40,4 @@ def reset_peak_rss() -> None:
 
 def process_peak_rss_mb() -> float:
     """Peak resident set size of this process since it started (Linux ru_maxrss is in KiB)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -21,7 +21,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from grafccsr.metrics import RANDOM_FEATURES
+from grafccsr.metrics.keys import RANDOM_FEATURES
 
 
 _SEED = 0

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from grafccsr.config import Config, ConfigError
 from grafccsr.imaging import resize_uint8, to_uint8
-from grafccsr.metrics import INCEPTION, RANDOM_FEATURES
+from grafccsr.metrics.keys import INCEPTION, RANDOM_FEATURES
+from grafccsr.models import views
+from grafccsr.models.render import RenderSettings
 from grafccsr.paths import DATA_DIR
 
 log = logging.getLogger(__name__)
@@ -283,8 +284,6 @@ def render_fakes(
 ) -> torch.Tensor:
     """``eval.num_samples`` uint8 fakes (N, 3, R, R) on the CPU at the real set's pose
     distribution, R = :func:`eval_resolution`."""
-    from grafccsr.models.render import RenderSettings
-    from grafccsr.models.views import render_views  # looked up at call time (tests stub it)
 
     resolution = eval_resolution(cfg)
     ccsr = cfg.model.ccsr
@@ -310,7 +309,7 @@ def render_fakes(
     try:
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
-            images = render_views(
+            images = views.render_views(  # looked up at call time: tests stub it
                 generator, settings, z[sl].to(device), class_idx[sl].to(device), u[sl].to(device),
                 v[sl].to(device), image_size=resolution, batch_size=step, to_cpu=cfg.memory.eval_to_cpu,
             )

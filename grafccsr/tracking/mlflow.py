@@ -1,7 +1,8 @@
 """MLflow run lifecycle through ``MlflowClient`` (no global active run, so the training step
 and loop stay free of global state).
 
-Default store: ``sqlite:///<project>/mlflow.db`` with artifacts beside it in ``mlartifacts/``,
+This module imports mlflow (seconds): the rest of the package imports it only when MLflow is
+used. Default store: ``sqlite:///<project>/mlflow.db`` with artifacts beside it in ``mlartifacts/``,
 so ``mlflow ui`` at the project root shows every run. Experiments are created as model
 training experiments (``mlflow.experimentKind``), and printed links open the UI's model
 training view (``?workflowType=machine_learning``), not its GenAI view.
@@ -14,41 +15,24 @@ import math
 import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
-from urllib.parse import urlparse
 
-from grafccsr.config import TrackingConfig
-from grafccsr.paths import default_tracking_uri
+import numpy as np
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from grafccsr.config import ConfigError, TrackingConfig
 from grafccsr.tracking.base import Tracker
+from grafccsr.tracking.store import CHECKPOINT_TAG, artifact_root_for, resolve_uri, run_url
 
 PARAM_MAX_CHARS = 6000
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """Tag that marks an experiment as model training (MLflow 3's UI otherwise opens GenAI views)."""
-LOCAL_UI = "http://127.0.0.1:5000"
-"""Where ``make ui`` serves a local store."""
-CHECKPOINT_TAG = "checkpoint.latest"
-"""Artifact path of the newest completely uploaded checkpoint (``tracking.log_checkpoints``)."""
-
-
-def resolve_uri(uri: Optional[str]) -> str:
-    return uri or default_tracking_uri()
-
-
-def is_server(uri: str) -> bool:
-    return urlparse(uri).scheme in ("http", "https")
-
-
-def artifact_root_for(uri: str) -> Optional[str]:
-    """Local artifact folder for a local SQLite store (None for servers)."""
-    if uri.startswith("sqlite:///"):
-        db_path = Path(urlparse(uri).path if uri.startswith("sqlite:////") else uri[len("sqlite:///"):])
-        return (db_path.resolve().parent / "mlartifacts").as_uri()
-    return None
 
 
 def get_or_create_experiment(client, name: str, uri: str) -> str:
     """The experiment's id; created (race-free across processes) as a model-training experiment."""
-    from mlflow.exceptions import MlflowException
-
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -62,17 +46,9 @@ def get_or_create_experiment(client, name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
-def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """Link to a run in the MLflow UI (a server's own, or ``make ui`` for a local store)."""
-    base = uri.rstrip("/") if is_server(uri) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
 class MlflowTracker(Tracker):
     def __init__(self, cfg: TrackingConfig, run_name: str, resume_run_id: Optional[str] = None,
                  tags: Optional[Dict[str, str]] = None) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.uri = resolve_uri(cfg.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         if resume_run_id:
@@ -89,13 +65,12 @@ class MlflowTracker(Tracker):
             self.run_id = run.info.run_id
             self.resumed = False
         self.url = run_url(self.uri, run.info.experiment_id, self.run_id)
+        self.pending: list = []
         self.monitor = None
         if cfg.system_metrics:
             self.monitor = _system_metrics(self.run_id, self.uri, cfg.system_metrics_interval_s, resume=self.resumed)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         if self.resumed:  # params are immutable in MLflow; the resumed run keeps its own
             return
         items = [Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in params.items()]
@@ -103,31 +78,25 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=items[start:start + 100], synchronous=True)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
+        """Asynchronous: the step does not wait for the store (a server round trip is ~10 ms,
+        too much for fast steps logged often); :meth:`end` waits for every pending write."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
         for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start:start + 1000], synchronous=True)
+            self.pending.append(self.client.log_batch(self.run_id, metrics=items[start:start + 1000],
+                                                      synchronous=False))
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_image(self, path: Path, key: str, step: int) -> None:
-        import numpy as np
-        from PIL import Image
-
         with Image.open(path) as image:
             self.client.log_image(self.run_id, np.asarray(image.convert("RGB")), key=key, step=step)
 
     def log_dataset(self, dataset: Any) -> None:
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
         entity = Dataset(
             name=Path(dataset.root).name, digest=dataset.fingerprint, source_type="local",
             source=json.dumps({"uri": str(Path(dataset.root).resolve())}),
@@ -146,6 +115,9 @@ class MlflowTracker(Tracker):
     def end(self, status: str) -> None:
         if self.monitor is not None:
             self.monitor.finish()
+        for operation in self.pending:  # every metric written before the run is closed
+            operation.wait()
+        self.pending.clear()
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -168,8 +140,6 @@ def log_evaluation(uri: str, training_run_id: str, name: str, iteration: int, me
     """A child run of the training run holding one evaluation (metrics at the checkpoint's
     iteration, files as artifacts): the training run's own record is never written over.
     Returns (child run id, its UI link)."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(training_run_id)
@@ -192,3 +162,19 @@ def log_evaluation(uri: str, training_run_id: str, name: str, iteration: int, me
         raise
     client.set_terminated(run_id, status="FINISHED")
     return run_id, run_url(uri, parent.info.experiment_id, run_id)
+
+
+def fetch_checkpoint(run_id: str, uri: str, dest: Path) -> Path:
+    """Download the newest completely uploaded checkpoint of a run (``tracking.log_checkpoints``)
+    into ``dest``; for evaluation or resume on a machine without the run folder."""
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(f"MLflow run {run_id}: not found in {uri} ({str(err).splitlines()[0]})") from None
+    artifact = run.data.tags.get(CHECKPOINT_TAG)
+    if not artifact:
+        raise ConfigError(f"MLflow run {run_id} has no uploaded checkpoint (train with tracking.log_checkpoints=true)")
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, artifact, str(dest)))

@@ -14,6 +14,7 @@ from torch import nn
 from grafccsr.config import Config, ConfigError
 from grafccsr.models import build_models
 from grafccsr.training.compile import compile_field
+from grafccsr.training.distributed import Dist
 from grafccsr.training.step import GanStep
 
 
@@ -42,12 +43,13 @@ def device_name(device: torch.device) -> str:
 
 
 def build_run(cfg: Config, num_classes: int, device: torch.device | str, *, seed: Optional[int] = None,
-              models: Optional[Tuple[nn.Module, nn.Module]] = None) -> GanStep:
+              models: Optional[Tuple[nn.Module, nn.Module]] = None, dist: Dist = Dist()) -> GanStep:
     """The generator and discriminator of ``cfg`` on ``device`` (compiled if ``train.compile``)
     and their :class:`GanStep` (EMA copy, optimisers, schedulers, GradScalers).
 
     ``seed`` seeds the models' initialisation; ``models`` passes prebuilt ones already on
-    ``device`` (the estimator's fake-tensor copies).
+    ``device`` (the estimator's fake-tensor copies). Under ``torchrun`` (``dist``) every rank
+    starts from rank 0's weights and buffers.
     """
     device = torch.device(device)
     if seed is not None:
@@ -58,6 +60,8 @@ def build_run(cfg: Config, num_classes: int, device: torch.device | str, *, seed
         discriminator.to(device)
     else:
         generator, discriminator = models
+    dist.broadcast_module(generator)
+    dist.broadcast_module(discriminator)
     if cfg.train.compile:
         compile_field(generator)
-    return GanStep(cfg, generator, discriminator, device)
+    return GanStep(cfg, generator, discriminator, device, dist)

@@ -6,7 +6,10 @@ samples, evaluation, checkpoints), finish, and end every run with a status, what
 stops it. Signal handlers are installed before anything else, so a SIGTERM at any moment
 ends the run cleanly.
 
-Only the main process logs, writes files and talks to MLflow (``is_main``).
+Under ``torchrun`` every rank runs the same loop; rank 0 alone logs, writes files and talks
+to MLflow. The ranks meet in collectives at fixed points only (the status agreement after each
+batch, the gradient averages inside the D and G steps, the log and checkpoint gathers, the
+end), so any failure or signal on any rank ends every rank with the same status.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from grafccsr.config import Config, flatten, to_dict, to_yaml
+from grafccsr.config import Config, ConfigError, flatten, to_dict, to_yaml
 from grafccsr.data import build_dataset, build_loader
 from grafccsr.measure import PhaseMemory, process_peak_rss_mb
-from grafccsr.metrics import keyed, metric_key
+from grafccsr.metrics import evaluate_generator, keyed, metric_key
 from grafccsr.tracking import Tracker
 from grafccsr.tracking.provenance import provenance_tags
 from grafccsr.tracking.summary import write_summary
 from grafccsr.training.build import build_run, device_name, resolve_device
+from grafccsr.training import distributed
 from grafccsr.training.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -40,6 +44,7 @@ from grafccsr.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from grafccsr.training.distributed import BUDGET, ERROR, NONFINITE, OK, OOM, STOP, Dist, RankFailure
 from grafccsr.training.faults import fault_from_env
 from grafccsr.training.outcome import (
     EXIT_ERROR,
@@ -85,18 +90,20 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config, output_dir: Path, tracker_factory: TrackerFactory, is_main: bool = True,
-          run_name: Optional[str] = None, note: str = "") -> RunResult:
-    """Train ``cfg`` into ``output_dir``; see :class:`Trainer`."""
-    return Trainer(cfg, output_dir, tracker_factory, is_main, run_name=run_name, note=note).run()
+def train(cfg: Config, output_dir: Path, tracker_factory: TrackerFactory, run_name: Optional[str] = None,
+          note: str = "", dist: Optional[Dist] = None) -> RunResult:
+    """Train ``cfg`` into ``output_dir``; see :class:`Trainer`. ``dist``: this process's rank
+    (default: torchrun's environment, else a single process)."""
+    return Trainer(cfg, output_dir, tracker_factory, run_name=run_name, note=note,
+                   dist=dist if dist is not None else distributed.from_env()).run()
 
 
 class Trainer:
     """One training run. Read :meth:`run` first: everything else is a step it names."""
 
-    def __init__(self, cfg: Config, output_dir: Path, tracker_factory: TrackerFactory, is_main: bool = True,
-                 run_name: Optional[str] = None, note: str = "") -> None:
-        self.cfg, self.output_dir, self.is_main = cfg, Path(output_dir), is_main
+    def __init__(self, cfg: Config, output_dir: Path, tracker_factory: TrackerFactory, run_name: Optional[str] = None,
+                 note: str = "", dist: Dist = Dist()) -> None:
+        self.cfg, self.output_dir, self.dist, self.is_main = cfg, Path(output_dir), dist, dist.is_main
         self.tracker_factory, self.run_name, self.note = tracker_factory, run_name, note
         self.tracker: Tracker = Tracker()
         self.stats = Stats()
@@ -109,6 +116,7 @@ class Trainer:
         self.stopped_by_budget = False
         self.status, self.reason, self.exit_code, self.message = "FINISHED", None, EXIT_OK, ""
         self.opened = False
+        self.in_step = False
         self.summary: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the run
@@ -123,55 +131,83 @@ class Trainer:
                 self.open_tracking()
                 self.loop(stop)
                 self.finish()
-            except NonFiniteLoss as err:
-                self.fail("FAILED", "nonfinite", EXIT_NONFINITE, str(err))
-            except KeyboardInterrupt:
-                self.fail("KILLED", "interrupted", EXIT_INTERRUPTED,
-                          f"stopped by {stop.requested or 'SIGINT'} at iteration {self.iteration}")
-                if self.iteration > self.start_iter:
-                    self.save(CHECKPOINT_NAME)
-            except Exception as err:
-                if not is_out_of_memory(err):
-                    self.fail("FAILED", "error", EXIT_ERROR, f"{type(err).__name__}: {first_line(err)}")
-                    raise
-                self.fail("FAILED", "oom", EXIT_OOM, first_line(err))
+                self.dist.agree(OK)  # the end: every rank finished
+            except (NonFiniteLoss, RankFailure, KeyboardInterrupt, Exception) as err:
+                self.handle_failure(err, stop)
             finally:
                 self.close()
+                distributed.shutdown()
         return RunResult(self.status, self.reason, self.exit_code, self.summary if self.is_main else {})
+
+    def handle_failure(self, err: BaseException, stop: "StopRequest") -> None:
+        """Record why the run ended; tell the other ranks when they cannot know yet; keep the
+        last state of an interrupted run. Re-raises a bug (after recording it)."""
+        status = _status_of(err)
+        if status == STOP:
+            self.fail("KILLED", "interrupted", EXIT_INTERRUPTED,
+                      f"stopped by {stop.requested or 'SIGINT'} at iteration {self.iteration}")
+        elif status == NONFINITE:
+            self.fail("FAILED", "nonfinite", EXIT_NONFINITE, str(err))
+        elif status == OOM:
+            self.fail("FAILED", "oom", EXIT_OOM, first_line(err))
+        else:
+            self.fail("FAILED", "error", EXIT_ERROR, f"{type(err).__name__}: {first_line(err)}")
+        if self.dist.enabled and not isinstance(err, (RankFailure, NonFiniteLoss)) and not self.in_step:
+            # the others wait in the next agreement (a failure inside a step was aborted in place)
+            _ignore_dead_peers(lambda: self.dist.agree(status))
+        if status == STOP and self.iteration > self.start_iter:
+            ranks = _ignore_dead_peers(lambda: self.dist.gather(self.rank_state()))
+            self.save(CHECKPOINT_NAME, ranks)
+        if status == ERROR and not isinstance(err, RankFailure):
+            raise err
 
     def setup(self) -> None:
         """Device, data, models and step, resumed state, loader. Nothing is written yet, so a
         config or data error leaves nothing behind."""
         cfg, t = self.cfg, self.cfg.train
-        self.device = resolve_device(t.device)
+        self.device = distributed.init(self.dist, resolve_device(t.device), t.dist_timeout_s)
+        self.local_batch = self.dist.local_batch(t.batch_size)
+        if self.local_batch % t.grad_accum_steps:
+            raise ConfigError(f"train.batch_size={t.batch_size} over {self.dist.world_size} ranks gives "
+                              f"{self.local_batch} per rank, not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+        if not self.is_main:
+            log.setLevel(logging.WARNING)  # rank 0 tells the story
         if self.device.type == "cuda" and t.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        log.info("setting up %s on %s", cfg.exp_name, device_name(self.device))
+        ranks = f", {self.dist.world_size} ranks" if self.dist.enabled else ""
+        log.info("setting up %s on %s%s", cfg.exp_name, device_name(self.device), ranks)
         self.dataset = build_dataset(cfg.data, cfg.camera)
-        self.step = build_run(cfg, self.dataset.num_classes, self.device, seed=t.seed)
+        self.step = build_run(cfg, self.dataset.num_classes, self.device, seed=t.seed, dist=self.dist)
         self.run_id = None
         if cfg.resume:
-            state = load_checkpoint(cfg.resume)
-            self.step.load_state_dict(state["step"])
-            set_rng_state(state["rng"])
-            self.start_iter = self.iteration = state["iteration"]
-            self.run_id, self.best = state.get("mlflow_run_id"), state.get("best", self.best)
-            self.train_clock = state.get("train_seconds", 0.0)
-        self.loader = iter(build_loader(self.dataset, t.batch_size, cfg.memory, self.device, t.seed,
-                                        start_batch=self.start_iter))
+            self.resume(load_checkpoint(cfg.resume))
+        self.loader = iter(build_loader(self.dataset, self.local_batch, cfg.memory, self.device, t.seed,
+                                        start_batch=self.start_iter, rank=self.dist.rank,
+                                        world_size=self.dist.world_size))
         self.memory = PhaseMemory(self.device)
-        self.fault = fault_from_env()
+        self.fault = fault_from_env(self.dist.rank)
         self.sample_z = sample_latents(cfg)
         settings = self.step.render_settings
         self.rays_per_iteration = 2 * t.batch_size * cfg.model.patch.rays_per_patch  # D-step and G-step fakes
-        self.points_per_ray = settings.points_per_ray
+        self.points_per_ray = settings.field_points_per_ray  # field evaluations, the coarse pass included
         self.snapshot_times = [f * t.time_budget_s for f in t.snapshot_fractions] if t.snapshots else []
         g_params = sum(p.numel() for p in self.step.generator.parameters())
         d_params = sum(p.numel() for p in self.step.discriminator.parameters())
         log.info("data: %d images, %d classes, %d px (%s); generator %.3g M, discriminator %.3g M parameters",
                  len(self.dataset), self.dataset.num_classes, self.dataset.image_size, self.dataset.root,
                  g_params / 1e6, d_params / 1e6)
+
+    def resume(self, state: Dict[str, Any]) -> None:
+        """Models, optimisers, RNG streams and counters of a checkpoint (each rank its own streams)."""
+        self.step.load_state_dict(state["step"])
+        ranks = state.get("ranks") or []
+        mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else {"rng": state["rng"]}
+        set_rng_state(mine["rng"])
+        self.step.load_rank_state(mine.get("step", {}))
+        self.start_iter = self.iteration = state["iteration"]
+        self.run_id, self.best = state.get("mlflow_run_id"), state.get("best", self.best)
+        self.train_clock = state.get("train_seconds", 0.0)
 
     def open_tracking(self) -> None:
         """The run folder's config and the MLflow run (a resumed run continues its own)."""
@@ -195,34 +231,35 @@ class Trainer:
         config_path.write_text(to_yaml(cfg))
         self.tracker.log_artifact(config_path)
         t = cfg.train
-        log.info("run folder %s; %s iterations %d..%d, batch %d, %d^2 patches, %d samples/ray%s",
+        log.info("run folder %s; %s iterations %d..%d, batch %d%s, %d^2 patches, %d samples/ray%s",
                  self.output_dir, "resuming" if cfg.resume else "training", self.start_iter, t.max_iters,
-                 t.batch_size, cfg.model.patch.side, cfg.model.render.samples_per_ray,
+                 t.batch_size, f" ({self.local_batch} per rank)" if self.dist.enabled else "",
+                 cfg.model.patch.side, cfg.model.render.samples_per_ray,
                  f", time budget {t.time_budget_s:.0f} s" if t.time_budget_s else "")
         if self.tracker.run_id:
             log.info("MLflow run %s%s", self.tracker.run_id, f": {self.tracker.url}" if self.tracker.url else "")
 
     def loop(self, stop: StopRequest) -> None:
-        cfg, t, mem = self.cfg, self.cfg.train, self.cfg.memory
+        t, mem = self.cfg.train, self.cfg.memory
         progress = self.progress_bar()
         clock_start = time.perf_counter() - self.train_clock
         try:
             for iteration in range(self.start_iter, t.max_iters):
-                self.train_clock = time.perf_counter() - clock_start
-                if t.time_budget_s and self.train_clock >= t.time_budget_s:
-                    self.stopped_by_budget = True
-                    break
                 self.iteration = iteration
                 with self.stats.timer("timing/data_s"):
                     batch = self.next_batch(iteration)
+                self.train_clock = time.perf_counter() - clock_start
+                budget_spent = bool(t.time_budget_s) and self.train_clock >= t.time_budget_s
+                status = self.dist.agree(STOP if stop.requested else BUDGET if budget_spent else OK)
+                if status == BUDGET:
+                    self.stopped_by_budget = True
+                    break
+                if status != OK:
+                    raise RankFailure(status, "a rank")
                 track = mem.track_peak_every > 0 and (iteration - self.start_iter < 2
                                                        or iteration % mem.track_peak_every == 0)
-                live_state = self.step.modules_and_optimizers() + (batch.images, batch.labels)
                 start = time.perf_counter()
-                with self.memory.phase("d_step", track_live=track, state=live_state):
-                    self.stats.report_all(self.step.d_step(batch, iteration))
-                with self.memory.phase("g_step", track_live=track, state=live_state):
-                    self.stats.report_all(self.step.g_step(batch, iteration))
+                self.train_step(batch, iteration, track)
                 seconds = time.perf_counter() - start
                 self.stats.report("timing/step_s", seconds)
                 if not track:  # the live-tensor tracker slows the iterations it measures
@@ -233,27 +270,47 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                 with self.stats.timer("timing/maintenance_s"):
-                    self.maintenance(done, clock_start)
-                if stop.requested:
-                    raise KeyboardInterrupt
+                    clock_start = self.maintenance(done, clock_start)
             self.train_clock = time.perf_counter() - clock_start
         finally:
             if progress is not None:
                 progress.close()
 
-    def maintenance(self, done: int, clock_start: float) -> None:
-        """What happens between iterations on their cadences."""
-        if not self.is_main:
-            return
+    def train_step(self, batch: Batch, iteration: int, track: bool) -> None:
+        """One D step and one G step. A failure on this rank inside a step joins that step's
+        gradient collective with a failure flag, so the other ranks stop with the same reason."""
+        live_state = self.step.modules_and_optimizers() + (batch.images, batch.labels)
+        for phase, step in (("d_step", self.step.d_step), ("g_step", self.step.g_step)):
+            self.in_step = True
+            try:
+                with self.memory.phase(phase, track_live=track, state=live_state):
+                    self.stats.report_all(step(batch, iteration))
+            except (RankFailure, NonFiniteLoss):
+                raise  # every rank raises these alike
+            except Exception as err:
+                self.step.abort(phase, _status_of(err))
+                raise
+            finally:
+                self.in_step = False
+
+    def maintenance(self, done: int, clock_start: float) -> float:
+        """What happens between iterations on their cadences: first what every rank takes part
+        in (the log window's statistics, the ranks' states for a checkpoint), then rank 0's
+        writing. Returns the training clock's start, moved past time spent on snapshots."""
         t = self.cfg.train
-        if t.log_every and done % t.log_every == 0:
-            self.log_window(done)
+        window = self.collect_window() if t.log_every and done % t.log_every == 0 else None
+        checkpoint = t.ckpt_every and done % t.ckpt_every == 0
+        ranks = self.dist.gather(self.rank_state()) if checkpoint else None
+        if not self.is_main:
+            return clock_start
+        if window is not None:
+            self.log_window(done, window)
         if t.sample_every and done % t.sample_every == 0:
             self.write_samples(done)
         if t.eval_every and done % t.eval_every == 0:
             self.run_eval(done)
-        if t.ckpt_every and done % t.ckpt_every == 0:
-            self.save(CHECKPOINT_NAME)
+        if checkpoint:
+            self.save(CHECKPOINT_NAME, ranks)
             self.release_cache()
         if self.cfg.memory.empty_cache_every and done % self.cfg.memory.empty_cache_every == 0:
             self.release_cache()
@@ -266,19 +323,22 @@ class Trainer:
             self.save(f"{SNAPSHOT_DIR}/{index}.pt")
             log.info("snapshot %d at %.1f s of training (iteration %d)", index, self.train_clock, done)
             clock_start += time.perf_counter() - saved_at
+        return clock_start
 
     def finish(self) -> None:
         """After the last iteration: the last window, samples, evaluation and checkpoint."""
+        t, done = self.cfg.train, self.iteration
+        window = self.collect_window() if self.stats.count("timing/step_s") else None
+        ranks = self.dist.gather(self.rank_state())
         if not self.is_main:
             return
-        t, done = self.cfg.train, self.iteration
-        if self.stats.count("timing/step_s"):
-            self.log_window(done)
+        if window is not None:
+            self.log_window(done, window)
         if not (t.sample_every and done % t.sample_every == 0):
             self.write_samples(done)
         if self.cfg.eval.at_end and not (t.eval_every and done % t.eval_every == 0):
             self.run_eval(done)
-        self.save(CHECKPOINT_NAME)
+        self.save(CHECKPOINT_NAME, ranks)
         if self.stopped_by_budget:
             self.message = f"time budget of {t.time_budget_s:g} s reached at iteration {done}"
 
@@ -314,20 +374,27 @@ class Trainer:
             images = self.fault.before_iteration(iteration, images)
         return Batch(images, item["label"].to(self.device, non_blocking=non_blocking))
 
-    def log_window(self, done: int) -> None:
+    def collect_window(self) -> Dict[str, float]:
+        """The log window's means (losses are already averaged over the ranks by the steps), its
+        throughput, and memory peaks as the maximum over the ranks. Every rank calls this."""
+        timed = self.stats.count("timing/untracked_step_s")
         window = self.stats.collect()
         untracked = window.pop("timing/untracked_step_s", None)
-        losses = {k: v for k, v in window.items() if k.startswith(("loss/", "d/"))}
-        self.losses = losses
-        metrics = dict(window)
         if untracked:
-            metrics.update(throughput(1, untracked, self.rays_per_iteration, self.points_per_ray))
-        metrics.update(self.memory.pop_window())
-        metrics["mem/process_peak_rss_mb"] = process_peak_rss_mb()
+            window.update(throughput(timed, timed * untracked, self.rays_per_iteration, self.points_per_ray))
+            del window["perf/timed_iterations"]  # logged once, for the run, at the end
+        window.update(self.dist.max_over_ranks(self.memory.pop_window()))
+        window["mem/process_peak_rss_mb"] = max(self.dist.gather(process_peak_rss_mb()))
+        return window
+
+    def log_window(self, done: int, metrics: Dict[str, float]) -> None:
+        self.losses = {k: v for k, v in metrics.items() if k.startswith(("loss/", "d/"))}
         metrics["train/lr_g"] = self.step.opt_g.param_groups[0]["lr"]
         metrics["train/global_batch"] = self.cfg.train.batch_size
+        metrics["dist/world_size"] = self.dist.world_size
         self.tracker.log_metrics(metrics, step=done)
-        peak = metrics.get("mem/peak_allocated_mb", metrics.get("mem/peak_live_tensors_mb"))
+        losses = self.losses
+        peak = metrics.get("mem/train_peak_allocated_mb", metrics.get("mem/train_peak_live_tensors_mb"))
         log.info("it %d/%d  d %s  g %s  r1 %s  logit gap %s  %s it/s%s", done, self.cfg.train.max_iters,
                  fmt(losses.get("loss/d")), fmt(losses.get("loss/g")), fmt(losses.get("loss/r1")),
                  fmt(_gap(losses)), fmt(metrics.get("perf/it_per_s")),
@@ -344,8 +411,6 @@ class Trainer:
         self.release_cache()
 
     def run_eval(self, done: int) -> None:
-        from grafccsr.metrics import evaluate_generator  # torch-fidelity: imported when first needed
-
         cfg = self.cfg
         track = cfg.memory.track_peak_every > 0
         with self.memory.phase("eval", track_live=track, state=self.step.modules_and_optimizers()):
@@ -362,13 +427,22 @@ class Trainer:
             self.save(BEST_NAME)
         self.release_cache()
 
-    def save(self, name: str) -> Path:
+    def rank_state(self) -> Dict[str, Any]:
+        """This rank's random streams (gathered into checkpoints, so a resume restores every rank)."""
+        return {"rng": rng_state(), "step": self.step.rank_state()}
+
+    def save(self, name: str, ranks: Optional[List[Dict[str, Any]]] = None) -> Optional[Path]:
+        """Write a checkpoint (rank 0); ``ranks``: every rank's :meth:`rank_state`."""
+        if not self.is_main:
+            return None
         path = save_checkpoint({
             "config": to_dict(self.cfg),
             "iteration": self.iteration,
             "train_seconds": self.train_clock,
             "step": self.step.state_dict(),
             "rng": rng_state(),
+            "ranks": ranks,
+            "world_size": self.dist.world_size,
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
             "num_classes": self.dataset.num_classes,
@@ -430,6 +504,26 @@ class Trainer:
             "output_dir": str(self.output_dir.resolve()),
             "checkpoint": str(self.output_dir.resolve() / CHECKPOINT_NAME),
         }
+
+
+def _ignore_dead_peers(collective):
+    """Run a collective on a failure path; None when other ranks are already gone."""
+    try:
+        return collective()
+    except RuntimeError as err:  # gloo/nccl: a peer closed the connection or timed out
+        log.warning("ranks could not agree (%s)", first_line(err))
+        return None
+
+
+def _status_of(err: BaseException) -> int:
+    """The status a failure is agreed as."""
+    if isinstance(err, RankFailure):
+        return err.status
+    if isinstance(err, KeyboardInterrupt):
+        return STOP
+    if isinstance(err, NonFiniteLoss):
+        return NONFINITE
+    return OOM if is_out_of_memory(err) else ERROR
 
 
 def _gap(losses: Dict[str, float]) -> Optional[float]:

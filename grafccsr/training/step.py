@@ -23,6 +23,7 @@ from grafccsr.models.render import RenderSettings
 from grafccsr.models.poses import poses_from_labels, sample_random_poses
 from grafccsr.models.rays import PatchSampler, sample_patches, upsample_grid
 from grafccsr.training.amp import AmpPolicy, amp_policy
+from grafccsr.training.distributed import Dist
 from grafccsr.training.losses import (
     MultiTaskCrossEntropy,
     ccsr_consistency_loss,
@@ -73,12 +74,25 @@ def build_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=tuple(t.adam_betas), eps=t.optim_eps, foreach=True)
 
 
-class GanStep:
-    """Optimisers, scalers, EMA and the D/G update rules for one training run."""
+D_SUMS = ("loss/d", "loss/r1", "loss/aux_d", "d/real_logit", "d/fake_logit")
+G_SUMS = ("loss/g", "loss/ccsr", "loss/aux_g")
 
-    def __init__(self, cfg: Config, generator: nn.Module, discriminator: nn.Module, device: torch.device) -> None:
+
+class GanStep:
+    """The models, optimisers, scalers, EMA and the D/G update rules of one training run.
+
+    Under ``torchrun`` (``dist.enabled``) every rank holds the same models; the random inputs
+    (latent codes, poses, patch grids) are drawn for the global batch from a stream shared by
+    all ranks and each rank takes its shard, so that ``world_size`` ranks compute exactly what
+    one process with the global batch would; the renderer's jitter comes from a per-rank
+    stream. Gradients and the logged losses are averaged over the ranks after each step.
+    """
+
+    def __init__(self, cfg: Config, generator: nn.Module, discriminator: nn.Module, device: torch.device,
+                 dist: Dist = Dist()) -> None:
         self.cfg = cfg
         self.device = device
+        self.dist = dist
         self.generator = generator
         self.discriminator = discriminator
         self.generator_ema: Optional[nn.Module] = None
@@ -91,10 +105,14 @@ class GanStep:
         self.policy: AmpPolicy = amp_policy(cfg.train.amp, device)
         self.scaler_g = self.policy.make_scaler()
         self.scaler_d = self.policy.make_scaler()
-        self.patch_sampler = PatchSampler(cfg.model.patch)
+        self.patch_sampler = PatchSampler(cfg.model.patch, image_size=cfg.data.image_size)
         self.render_settings = RenderSettings.from_config(cfg)
         self.rng = torch.Generator(device=device)
         self.rng.manual_seed(cfg.train.seed)
+        self.render_rng = self.rng  # one process: one stream (what resume tests and old runs reproduce)
+        if dist.enabled:
+            self.render_rng = torch.Generator(device=device)
+            self.render_rng.manual_seed(cfg.train.seed + 1_000_003 * (dist.rank + 1))
         self.aux_loss: Optional[MultiTaskCrossEntropy] = None
         if cfg.model.discriminator.aux_classifier:
             tasks = list(discriminator.n_each_task)
@@ -117,21 +135,26 @@ class GanStep:
     def _poses(self, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.model.pose.mode == "known":
             return poses_from_labels(labels, self.cfg.data.elevation_v)
-        return sample_random_poses(labels.shape[0], self.cfg.model.pose, self.device, generator=self.rng)
+        u, v = sample_random_poses(labels.shape[0] * self.dist.world_size, self.cfg.model.pose, self.device,
+                                   generator=self.rng)
+        return self.dist.shard(u), self.dist.shard(v)
 
     def _grids(self, batch: int, iteration: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Patch grid (B,P,P,2) and, when CCSR runs, the same region at scale x density."""
-        grid, _ = self.patch_sampler.sample(batch, iteration, self.device, generator=self.rng)
+        """This rank's patch grids (B,P,P,2) of the global batch and, when CCSR runs, the same
+        regions at scale x density."""
+        grid, _ = self.patch_sampler.sample(batch * self.dist.world_size, iteration, self.device, generator=self.rng)
+        grid = self.dist.shard(grid)
         hr_grid = upsample_grid(grid, self.cfg.model.ccsr.scale) if self.ccsr_mode != "off" else None
         return grid, hr_grid
 
     def draw_fakes(self, labels: torch.Tensor, iteration: int) -> Dict[str, torch.Tensor]:
-        """The random inputs of a batch of fakes: z, pose (u, v), patch grid(s).
+        """The random inputs of this rank's batch of fakes: z, pose (u, v), patch grid(s).
 
-        Drawn for the whole batch before it is split into micro-batches, so that
-        gradient accumulation sees exactly the inputs the full batch would.
+        Drawn for the whole (global) batch before it is split into micro-batches, so that
+        gradient accumulation and several ranks see exactly the inputs one full batch would.
         """
-        z = self.generator.sample_z(labels.shape[0], self.device, generator=self.rng)
+        z = self.dist.shard(self.generator.sample_z(labels.shape[0] * self.dist.world_size, self.device,
+                                                    generator=self.rng))
         u, v = self._poses(labels)
         grid, hr_grid = self._grids(labels.shape[0], iteration)
         inputs = {"labels": labels, "z": z, "u": u, "v": v, "grid": grid}
@@ -153,7 +176,7 @@ class GanStep:
         g, policy = self.generator, self.policy
         with policy.autocast(policy.render):
             out = g.render(inputs["z"], inputs["labels"][:, 0], inputs["u"], inputs["v"], inputs["grid"],
-                           self.render_settings, iteration=iteration, rng=self.rng)
+                           self.render_settings, iteration=iteration, rng=self.render_rng)
         fakes = {"rgb": out["rgb"], "d_input": out["rgb"]}
         if self.ccsr_mode != "off":
             with policy.autocast(policy.sr):
@@ -171,8 +194,12 @@ class GanStep:
 
     def _apply_update(self, name: str, sums: Dict[str, torch.Tensor], optimizer, scaler, scheduler,
                       iteration: int, check_finite: bool) -> bool:
-        """Step optimiser, scaler and schedule unless ``sums[name]`` is not finite
-        (then the gradients are dropped and ``sums["skipped"]`` is set). True if applied."""
+        """Average gradients and losses over the ranks, then step optimiser, scaler and schedule
+        unless ``sums[name]`` is not finite (then the gradients are dropped and
+        ``sums["skipped"]`` is set). True if applied. Every rank decides alike: on averages."""
+        if self.dist.enabled:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            sums.update(self.dist.average_gradients(params, sums))
         if check_finite and not self._check(name, sums[name], iteration):
             optimizer.zero_grad(set_to_none=True)
             sums["skipped"] = torch.ones((), device=self.device)
@@ -197,7 +224,7 @@ class GanStep:
         accum = cfg.train.grad_accum_steps
         r1_now = cfg.train.r1_gamma > 0 and iteration % cfg.train.r1_every == 0
         self.opt_d.zero_grad(set_to_none=mem.set_to_none)
-        sums = {k: torch.zeros((), device=self.device) for k in ("loss/d", "loss/r1", "loss/aux_d", "d/real_logit", "d/fake_logit")}
+        sums = {k: torch.zeros((), device=self.device) for k in D_SUMS}
         reals = self.real_patches(batch.images, iteration).chunk(accum)
         fake_inputs = self._split(self.draw_fakes(batch.labels, iteration), accum)
         for micro, real, inputs in zip(batch.split(accum), reals, fake_inputs):
@@ -241,7 +268,7 @@ class GanStep:
         cfg, mem, policy, d = self.cfg, self.cfg.memory, self.policy, self.discriminator
         accum = cfg.train.grad_accum_steps
         self.opt_g.zero_grad(set_to_none=mem.set_to_none)
-        sums = {k: torch.zeros((), device=self.device) for k in ("loss/g", "loss/ccsr", "loss/aux_g")}
+        sums = {k: torch.zeros((), device=self.device) for k in G_SUMS}
         alpha = consistency_weight(cfg.model.ccsr, iteration)
         fake_inputs = self._split(self.draw_fakes(batch.labels, iteration), accum)
         with frozen(d):
@@ -267,6 +294,17 @@ class GanStep:
         if self._apply_update("loss/g", sums, self.opt_g, self.scaler_g, self.sched_g, iteration, check_finite):
             self.update_ema()
         return sums
+
+    def abort(self, phase: str, status: int) -> None:
+        """Join the gradient collective of ``phase`` (d_step/g_step) after a failure on this
+        rank, carrying ``status``: the other ranks, blocked in it, learn of the failure."""
+        if not self.dist.enabled:
+            return
+        optimizer, names = (self.opt_d, D_SUMS) if phase == "d_step" else (self.opt_g, G_SUMS)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for p in params:
+            p.grad = None
+        self.dist.average_gradients(params, {k: torch.zeros((), device=self.device) for k in names}, status)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -299,6 +337,14 @@ class GanStep:
             "scaler_d": self.scaler_d.state_dict(),
             "step_rng": self.rng.get_state(),
         }
+
+    def rank_state(self) -> Dict:
+        """What differs between ranks: the renderer's jitter stream."""
+        return {"render_rng": self.render_rng.get_state()}
+
+    def load_rank_state(self, state: Dict) -> None:
+        if self.dist.enabled and state.get("render_rng") is not None:
+            self.render_rng.set_state(state["render_rng"])
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore :meth:`state_dict`. Models whose shapes differ from the checkpoint's (a

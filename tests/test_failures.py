@@ -1,0 +1,175 @@
+"""Failures met as a user meets them: real subprocesses, real signals, a real allocation
+failure. Each ends with one line (no traceback), its documented exit code, and leaves nothing
+behind that the run did not start, or a complete record (metrics.json, MLflow) when it did."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from grafccsr.paths import PROJECT_ROOT
+
+SMOKE = ["+exp=smoke", "train.sample_every=0", "eval.at_end=false"]
+
+
+def train(*args: str, env=None, timeout: int = 240, prefix=()) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "grafccsr.train", *args], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def mlflow_runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The error line a user sees; asserts there is no traceback."""
+    text = result.stdout + result.stderr
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("+train.btach_size=2", "train.btach_size is not a config key; did you mean 'train.batch_size'?"),
+    ("train.btach_size=2", "train.btach_size is not a config key; did you mean 'train.batch_size'?"),
+    ("train.batch_size=eight", "train.batch_size"),
+    ("model.patch.rays_per_patch=2048", "model.patch.rays_per_patch=2048 is not a perfect square"),
+    ("train.device=cuda:7", "train.device"),
+    ("resume=/nonexistent/run", "no checkpoint at /nonexistent/run"),
+])
+def test_config_errors_exit_2_and_leave_nothing(tmp_path, override, expected):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    result = train(*SMOKE, override, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in one_error_line(result)
+    assert not run_dir.exists()
+    assert not (tmp_path / "mlflow.db").exists() or mlflow_runs(uri) == []
+
+
+def test_cuda_without_a_gpu_is_a_config_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = train(*SMOKE, "train.device=cuda", "tracking=none", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode == 2
+    assert "CUDA is not available" in one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def _write_png(path: Path, size: int = 32) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (100, 50, 20)).save(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt"])
+def test_data_errors_exit_5_and_leave_nothing(tmp_path, case):
+    root = tmp_path / "data"
+    if case == "corrupt":
+        for deg in (0, 90):
+            _write_png(root / "specA" / f"0_{deg:04d}.png")
+        (root / "specA" / "0_0180.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    run_dir = tmp_path / "run"
+    result = train(*SMOKE, "data=folder", f"data.root={root}", "data.image_size=32", "tracking=none",
+                   f"hydra.run.dir={run_dir}", timeout=120)
+    assert result.returncode == 5, result.stderr[-2000:]
+    line = one_error_line(result)
+    assert ("does not exist" in line) if case == "missing" else ("0_0180.png" in line)
+    assert not run_dir.exists()
+
+
+def test_real_cpu_out_of_memory_is_oom(tmp_path):
+    """A real allocation failure under a 6 GB address-space limit: FAILED/oom, exit 3, the
+    memory statistics gathered so far kept, no traceback."""
+    run_dir = tmp_path / "run"
+    result = train(*SMOKE, "model.render.samples_per_ray=50000", "memory.no_grad_segment_points=1000000000",
+                   "tracking=none", f"hydra.run.dir={run_dir}", prefix=("prlimit", "--as=6442450944", "--"))
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["status"] == "FAILED" and summary["reason"] == "oom"
+    assert "can't allocate memory" in summary["message"]
+    assert summary["memory"]["mem/d_step/peak_live_tensors_mb"] > 0
+
+
+def _start(args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "grafccsr.train", *args], cwd=PROJECT_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120.0) -> str:
+    """Read the process's output until a line containing ``text``; returns what was read."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}:\n" + "".join(seen)[-3000:])
+
+
+@pytest.mark.parametrize("moment", ["setting up", "MLflow run"])
+def test_sigterm_during_start_up_ends_cleanly(tmp_path, moment):
+    """SIGTERM while the run sets up (before any MLflow run exists) or right after its MLflow
+    run was created (before the first iteration): exit 130, and a run that was opened ends
+    KILLED with its metrics.json; one that was not leaves nothing."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    proc = _start([*SMOKE, "train.max_iters=100000", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"])
+    _wait_for(proc, moment)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out
+    runs = mlflow_runs(uri) if (tmp_path / "mlflow.db").exists() else []
+    if moment == "setting up":
+        assert runs == [] and not run_dir.exists()
+    else:
+        assert [r.info.status for r in runs] == ["KILLED"]
+        summary = json.loads((run_dir / "metrics.json").read_text())
+        assert summary["status"] == "KILLED" and summary["reason"] == "interrupted"
+
+
+def test_resume_reads_the_run_own_config(tmp_path):
+    """``resume=FOLDER train.max_iters=N`` without the original overrides continues the same
+    run (its stored config, its folder, its MLflow run); an override that changes the models'
+    shapes is refused with exit 2."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    first = train(*SMOKE, "train.max_iters=2", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = train(f"resume={run_dir}", "train.max_iters=4", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["iteration"] == 4 and summary["exp_name"] == "smoke"
+    assert [r.info.status for r in mlflow_runs(uri)] == ["FINISHED"]  # the same run, continued
+    assert "resuming iterations 2..4" in (run_dir / "train.log").read_text()
+    refused = train(f"resume={run_dir}", "train.max_iters=6", "model.field.width=64", timeout=240)
+    assert refused.returncode == 2
+    assert "an override changes the model's shape" in one_error_line(refused)
+
+
+def test_stale_partial_checkpoint_is_removed_at_start(tmp_path):
+    run_dir = tmp_path / "run"
+    first = train(*SMOKE, "train.max_iters=2", "tracking=none", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0
+    (run_dir / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint from a killed process")
+    again = train(f"resume={run_dir}", "train.max_iters=3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not (run_dir / "checkpoint.pt.tmp").exists()
