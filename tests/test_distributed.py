@@ -52,7 +52,7 @@ def _train_steps(rank: int, world: int, overrides, iterations: int, out: str, po
     if rank == 0:
         torch.save({"generator": step.generator.state_dict(), "discriminator": step.discriminator.state_dict(),
                     "ema": step.generator_ema.state_dict()}, out)
-    distributed.shutdown()
+    distributed.shutdown(together=True)
 
 
 def _states(tmp_path: Path, overrides, iterations: int = 3):

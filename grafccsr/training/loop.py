@@ -136,7 +136,7 @@ class Trainer:
                 self.handle_failure(err, stop)
             finally:
                 self.close()
-                distributed.shutdown()
+                distributed.shutdown(together=self.status == "FINISHED")
         return RunResult(self.status, self.reason, self.exit_code, self.summary if self.is_main else {})
 
     def handle_failure(self, err: BaseException, stop: "StopRequest") -> None:
