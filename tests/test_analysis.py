@@ -528,6 +528,20 @@ def test_two_real_ablation_runs(tmp_path):
     assert is_png(tmp_path / "reports" / "abl-slow" / "ablation_changes.png")
 
 
+def test_the_code_snapshot_runs_with_its_own_configs(tmp_path):
+    """The ablation's training runs start in a frozen copy of the code; there, the copy's conf/
+    (not the working tree's, not the installed package's) composes the config."""
+    import subprocess
+    import sys
+
+    dest = launch.snapshot_code(tmp_path / "code")
+    (dest / "conf" / "exp" / "only_in_the_copy.yaml").write_text("# @package _global_\ntrain:\n  max_iters: 7\n")
+    result = subprocess.run([sys.executable, "-m", "grafccsr.train", "+exp=[smoke,only_in_the_copy]", "--cfg", "job"],
+                            cwd=dest, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max_iters: 7" in result.stdout
+
+
 def test_plots_readable_labels(tmp_path):
     """Titles name the device, axes carry units (checked on the figure objects)."""
     import matplotlib

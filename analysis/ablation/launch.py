@@ -62,7 +62,7 @@ def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
 
 
 def snapshot_code(dest: Path, root: Path = PROJECT_ROOT) -> Path:
-    """A frozen copy of ``grafccsr/`` and ``conf/`` in ``dest`` (with ``data`` linked to the
+    """A frozen copy of ``grafccsr/``, ``conf/`` and ``pyproject.toml`` in ``dest`` (with ``data`` linked to the
     project's data folder, so the embedded dataset and FID statistics caches are shared).
 
     The training subprocesses run with ``dest`` as their working directory, so ``python -m
@@ -75,6 +75,7 @@ def snapshot_code(dest: Path, root: Path = PROJECT_ROOT) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(root / "grafccsr", dest / "grafccsr", ignore=ignore)
     shutil.copytree(root / "conf", dest / "conf", ignore=ignore)
+    shutil.copy2(root / "pyproject.toml", dest / "pyproject.toml")  # marks a checkout: its conf/ is the config tree
     (root / "data").mkdir(exist_ok=True)
     (dest / "data").symlink_to(root / "data", target_is_directory=True)
     return dest
