@@ -80,6 +80,10 @@ FAKE_TRAINER = textwrap.dedent(r'''
         if run_id:
             rest("runs/update", {"run_id": run_id, "status": kw["status"], "end_time": int(time.time() * 1000)})
     def on_sigint(*_):
+        if os.environ.get("FAKE_TRAINER_FINISH_ON_SIGINT"):  # interrupted in its final evaluation, which completes
+            write(status="FINISHED", reason=None, message="", peak_memory_mb=float(bs * spr),
+                  eval={"fid": 1.0, "kid_mean": 0.01, "kid_std": 0.01, "extractor": "fake", "num_samples": 16})
+            sys.exit(0)
         write(status="KILLED", reason="interrupted", message="interrupted", peak_memory_mb=None, eval={})
         sys.exit(130)
     signal.signal(signal.SIGINT, on_sigint)
@@ -341,16 +345,8 @@ def test_threads_journal_storage(tmp_path, fake_trainer, monkeypatch):
     assert again.launched == [] and len(again.study.trials) == 7
 
 
-def test_interrupt_requeues_and_timeout(tmp_path, fake_trainer, monkeypatch):
-    """Ctrl-C on the CLI: the running trainer is stopped, its trial is FAIL/interrupted, does
-    not count, and its parameters are queued again; exit code 130."""
-    import optuna
-
-    from grafccsr.sweeping.driver import counts_toward_total
-
-    monkeypatch.setenv("FAKE_TRAINER_SLEEP", "30")
-    study = write_study(tmp_path, n_trials=2, trainer_cmd=fake_trainer,
-                        enqueue=[{"train.batch_size": 2, "model.render.samples_per_ray": 4}])
+def interrupt_the_sweep_in_its_first_trial(study, tmp_path):
+    """Ctrl-C to the sweep CLI once its first trial runs; returns the ended process and its output."""
     proc = subprocess.Popen([sys.executable, "-m", "grafccsr.sweep", str(study), "--storage",
                              f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", "none", "--runs-root",
                              str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -365,6 +361,20 @@ def test_interrupt_requeues_and_timeout(tmp_path, fake_trainer, monkeypatch):
     time.sleep(1.5)  # let the fake trainer install its SIGINT handler
     proc.send_signal(signal.SIGINT)
     output.append(proc.communicate(timeout=60)[0])
+    return proc, output
+
+
+def test_interrupt_requeues_and_timeout(tmp_path, fake_trainer, monkeypatch):
+    """Ctrl-C on the CLI: the running trainer is stopped, its trial is FAIL/interrupted, does
+    not count, and its parameters are queued again; exit code 130."""
+    import optuna
+
+    from grafccsr.sweeping.driver import counts_toward_total
+
+    monkeypatch.setenv("FAKE_TRAINER_SLEEP", "30")
+    study = write_study(tmp_path, n_trials=2, trainer_cmd=fake_trainer,
+                        enqueue=[{"train.batch_size": 2, "model.render.samples_per_ray": 4}])
+    proc, output = interrupt_the_sweep_in_its_first_trial(study, tmp_path)
     assert proc.returncode == 130, "".join(output)
     assert "FAIL(interrupted)" in "".join(output)
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db").trials
@@ -382,6 +392,21 @@ def test_interrupt_requeues_and_timeout(tmp_path, fake_trainer, monkeypatch):
     t2 = timed.study.trials[2]
     assert t2.state.name == "FAIL" and t2.user_attrs["failure_reason"] == "timeout"
     assert t2.user_attrs["duration_s"] < 20
+
+
+def test_interrupt_during_a_trials_final_evaluation_keeps_its_result(tmp_path, fake_trainer, monkeypatch):
+    """The sweep is interrupted while a trainer finishes (its final evaluation completes, exit 0,
+    metrics.json FINISHED): the trial is COMPLETE with its values and is not queued again."""
+    import optuna
+
+    monkeypatch.setenv("FAKE_TRAINER_SLEEP", "30")
+    monkeypatch.setenv("FAKE_TRAINER_FINISH_ON_SIGINT", "1")
+    study = write_study(tmp_path, n_trials=2, trainer_cmd=fake_trainer,
+                        enqueue=[{"train.batch_size": 2, "model.render.samples_per_ray": 4}])
+    proc, output = interrupt_the_sweep_in_its_first_trial(study, tmp_path)
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    assert trials[0].state.name == "COMPLETE" and trials[0].values == [8.0, 1.0], "".join(output)
+    assert not any(t.state.name == "WAITING" for t in trials)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::optuna.exceptions.ExperimentalWarning")
