@@ -84,9 +84,9 @@ rss: install ## CPU: s/iteration and peak process RSS above baseline: ARGS='+exp
 gpu-check: ## on a CUDA machine (~8 min): gpu tests + bench --grid gpu + calibrate, into OUT (default runs/gpu-check; no install step)
 	bash .ci/gpu-check
 
-gpu-wheels: install ## .whl/: this venv's hydra-core, omegaconf, antlr4 as wheels, to carry to a bare GPU machine
+gpu-wheels: install ## .whl/: this venv's hydra-core, omegaconf, antlr4, pytest(-timeout) as wheels, for a bare GPU machine
 	rm -rf .whl && mkdir -p .whl
-	$(PY) -m pip wheel --quiet --no-deps -w .whl $$($(PY) -m pip freeze | grep -i -E '^(hydra-core|omegaconf|antlr4-python3-runtime)==')
+	$(PY) -m pip wheel --quiet --no-deps -w .whl $$($(PY) -m pip freeze | grep -i -E '^(hydra-core|omegaconf|antlr4-python3-runtime|pytest|pytest-timeout|pluggy|iniconfig)==')
 	ls .whl
 
 dashboard: install ## Optuna dashboard on sweeps/optuna.db (needs: .venv/bin/pip install optuna-dashboard)

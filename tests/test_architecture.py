@@ -132,3 +132,20 @@ def test_every_package_ships_in_the_wheel():
              for p in (PROJECT_ROOT / root).rglob("__init__.py")}
     groups = {"grafccsr.conf"} | {f"grafccsr.conf.{d.name}" for d in (PROJECT_ROOT / "conf").iterdir() if d.is_dir()}
     assert found | groups == listed
+
+
+def test_the_gpu_check_needs_only_torch_hydra_numpy_yaml():
+    """.ci/gpu-check runs on a bare GPU machine: the modules it uses (and tests/test_gpu.py's)
+    import none of MLflow, Optuna, torch-fidelity, Pillow, psutil, submitit or psycopg2."""
+    import subprocess
+    import sys
+
+    blocked = ["mlflow", "optuna", "torch_fidelity", "PIL", "psutil", "submitit", "psycopg2", "pandas", "matplotlib"]
+    code = ("import sys\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "import grafccsr.cli.bench, grafccsr.cli.memory, grafccsr.sizing.calibrate, grafccsr.sizing.batch_finder\n"
+            "import grafccsr.sizing.synthetic, grafccsr.measure, grafccsr.models\n"
+            "from grafccsr.cli.memory import main\n"
+            "assert main(['estimate', '+exp=smoke', '--train-only']) == 0\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]

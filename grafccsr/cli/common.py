@@ -16,7 +16,6 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from grafccsr.config import ConfigError
-from grafccsr.data import DatasetError
 from grafccsr.training.outcome import EXIT_CONFIG, EXIT_DATA, EXIT_INTERRUPTED, EXIT_OOM, is_out_of_memory
 
 
@@ -28,6 +27,8 @@ def error(message: str, code: int, prog: str = "grafccsr") -> int:
 
 def exit_code_for(err: BaseException, prog: str) -> Optional[int]:
     """The exit code for an expected failure (printed as one line), None for a bug."""
+    from grafccsr.data import DatasetError  # the data package imports PIL, which bare GPU machines may lack
+
     if isinstance(err, ConfigError):
         return error(str(err), EXIT_CONFIG, prog)
     if isinstance(err, DatasetError):
