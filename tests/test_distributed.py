@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -165,3 +166,55 @@ def test_sigterm_to_torchrun_checkpoints_once_and_ends_killed(tmp_path):
     state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert state["iteration"] == summary["iteration"] > 0 and len(state["ranks"]) == 2
     assert [r.info.status for r in _runs(uri)] == ["KILLED"]
+
+
+def test_a_job_restarted_by_torchrun_resumes_from_its_checkpoint(tmp_path):
+    """A rank killed for real (SIGKILL, as the OOM killer would) under ``--max-restarts=1``:
+    torchrun restarts both ranks, which resume from the run folder's checkpoint in the same
+    MLflow run; a SIGTERM then ends the restarted job KILLED, past the checkpoint."""
+    import signal
+
+    import psutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m",
+                             "grafccsr.train", "+exp=smoke", "train.device=cpu", "train.batch_size=4",
+                             "train.max_iters=100000", "train.ckpt_every=4", "train.sample_every=0",
+                             f"tracking.uri={uri}", f"hydra.run.dir={run_dir}", "tracking.system_metrics=false",
+                             "train.dist_timeout_s=60"], cwd=PROJECT_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, killed, deadline = [], None, time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if killed is None and "(iteration 4)" in line:  # the first checkpoint is written
+                workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                           if p.environ().get("RANK") == "1"]
+                assert len(workers) == 1, workers
+                workers[0].send_signal(signal.SIGKILL)
+                killed = time.time()
+            elif killed is not None and "resuming" in line:
+                break
+        assert killed is not None and "resuming" in seen[-1], "".join(seen[-40:])
+        while time.time() < deadline and proc.poll() is None:  # the restarted job trains on
+            line = proc.stdout.readline()
+            seen.append(line)
+            if "it 12/100000" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(seen) + (out or "")
+    resumed_from = int(re.search(r"resuming iterations (\d+)\.\.", log).group(1))
+    assert resumed_from >= 4 and resumed_from % 4 == 0  # a checkpoint's iteration
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["status"] == "KILLED" and summary["iteration"] >= 12, (summary, log[-3000:])
+    runs = _runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["iteration"] == summary["iteration"] and len(state["ranks"]) == 2

@@ -163,6 +163,13 @@ def test_resume_reads_the_run_own_config(tmp_path):
     refused = train(f"resume={run_dir}", "train.max_iters=6", "model.field.width=64", timeout=240)
     assert refused.returncode == 2
     assert "an override changes the model's shape" in one_error_line(refused)
+    # the first command line again, with resume= (what a torchrun restart runs): its overrides
+    # are already in the stored config and are skipped, the new max_iters applies
+    again = train(*SMOKE, "train.max_iters=6", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}",
+                  f"resume={run_dir}", timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["iteration"] == 6
+    assert [r.info.status for r in mlflow_runs(uri)] == ["FINISHED"]
 
 
 def test_stale_partial_checkpoint_is_removed_at_start(tmp_path):

@@ -20,6 +20,8 @@ from contextlib import redirect_stderr
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+import yaml
+
 from grafccsr.cli.common import error, exit_code_for
 from grafccsr.config import Config, ConfigError, apply_overrides, compose, register_configs, to_config
 from grafccsr.paths import CONF_DIR
@@ -63,13 +65,25 @@ def plan_run(overrides: Sequence[str], composed=None) -> Tuple[Config, Optional[
         resume = str(_fetch_from_mlflow(run_id, overrides, home / "download"))
     ckpt = resolve_checkpoint(resume)
     stored = load_checkpoint(ckpt)["config"]
-    rest = [o for o in overrides if not o.lstrip("+").startswith("resume=")]
+    started_with = _started_with(ckpt.parent)
+    rest = [o for o in overrides if not o.lstrip("+").startswith("resume=") and o not in started_with]
     cfg = apply_overrides(stored, rest)
     cfg.resume = str(ckpt)
     home = home or ckpt.parent
     if not any(o.startswith("output_dir=") for o in rest):
         cfg.output_dir = str(home)
     return cfg, home
+
+
+def _started_with(folder: Path) -> set:
+    """The overrides a run folder's run was started with (Hydra's ``.hydra/overrides.yaml``):
+    already in its stored config, so repeating the first command line with ``resume=`` (as a
+    job restarted by torchrun does) applies only what changed."""
+    try:
+        listed = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return set()
+    return {str(o) for o in listed} if isinstance(listed, list) else set()
 
 
 def _fetch_from_mlflow(run_id: str, overrides: Sequence[str], dest: Path) -> Path:
@@ -167,12 +181,14 @@ def torchrun_overrides(overrides: Sequence[str], cfg: Config, resumed: Optional[
     if not info.enabled:
         return []
     extra: List[str] = []
-    explicit = any(o.startswith("hydra.run.dir=") for o in overrides)
-    folder = resumed
-    if folder is None and not explicit:
-        job = os.environ.get("TORCHELASTIC_RUN_ID", "job")[:12]
-        folder = Path("runs") / cfg.exp_name / f"torchrun-{job}"
-        extra.append(f"hydra.run.dir={folder}")
+    if resumed is None:
+        explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+        if explicit:
+            folder = Path(explicit[-1])
+        else:
+            job = os.environ.get("TORCHELASTIC_RUN_ID", "job")[:12]
+            folder = Path("runs") / cfg.exp_name / f"torchrun-{job}"
+            extra.append(f"hydra.run.dir={folder}")
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if restarted and (folder / "checkpoint.pt").is_file():
             extra += [f"resume={folder}", "hydra.output_subdir=null"]

@@ -39,6 +39,23 @@ class RankFailure(RuntimeError):
         self.status, self.where = status, where
 
 
+class RankLost(RankFailure):
+    """A collective failed: another rank died (connection reset) or stopped answering (timeout)."""
+
+    def __init__(self, err: RuntimeError) -> None:
+        lines = str(err).strip().splitlines()
+        RuntimeError.__init__(self, f"another rank stopped answering ({lines[0] if lines else type(err).__name__})")
+        self.status, self.where = ERROR, "collective"
+
+
+def _collective(call, *args, **kwargs):
+    """A torch.distributed call; a lost peer becomes :class:`RankLost` (not a bug: no traceback)."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as err:  # gloo and nccl raise plain RuntimeError (or subclasses) here
+        raise RankLost(err) from err
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job (a single process when ``world_size`` is 1)."""
@@ -75,7 +92,7 @@ class Dist:
         """All ranks' worst status (the maximum, one tiny all-reduce)."""
         if self.enabled and not self.simulated:
             flag = torch.tensor([float(status)], device=_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            _collective(dist.all_reduce, flag, op=dist.ReduceOp.MAX)
             status = int(flag.item())
         return status
 
@@ -97,7 +114,7 @@ class Dist:
         flags[status] = 1.0  # one slot per status: after the sum, the highest set slot is the worst
         flat = torch.cat([g.detach().flatten().float() for g in grads] + [scalars.to(device), flags])
         if not self.simulated:
-            dist.all_reduce(flat)
+            _collective(dist.all_reduce, flat)
             worst = int(flat[-flags.numel():].nonzero().max().item())
             if worst != OK:
                 raise RankFailure(worst, "step")
@@ -116,7 +133,7 @@ class Dist:
         if not self.enabled or self.simulated:
             return dict(values)
         gathered: List[Optional[Dict[str, float]]] = [None] * self.world_size
-        dist.all_gather_object(gathered, values)
+        _collective(dist.all_gather_object, gathered, values)
         keys = sorted({k for d in gathered for k in (d or {})})
         return {k: max((d or {}).get(k, 0.0) for d in gathered) for k in keys}
 
@@ -125,7 +142,7 @@ class Dist:
         if not self.enabled or self.simulated:
             return [value] * self.world_size
         gathered: List[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, value)
+        _collective(dist.all_gather_object, gathered, value)
         return gathered
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
@@ -133,7 +150,7 @@ class Dist:
         if not self.enabled or self.simulated:
             return
         for tensor in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(tensor.data, src=0)
+            _collective(dist.broadcast, tensor.data, src=0)
 
 
 def _device() -> torch.device:
@@ -163,8 +180,15 @@ def init(info: Dist, device: torch.device, timeout_s: float) -> torch.device:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank,
-                                world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        from torch.distributed.rendezvous import rendezvous
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(rendezvous("env://", info.rank, info.world_size, timeout=timeout))
+        # torchrun keeps one store across restarts: without a prefix per attempt, a restarted
+        # rank can read a dead peer's address from the last attempt and fail to connect
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(
+            f"grafccsr/attempt{attempt}/", store), rank=info.rank, world_size=info.world_size, timeout=timeout)
     return device
 
 
@@ -174,5 +198,8 @@ def shutdown(together: bool) -> None:
     can abort at exit ("terminate called without an active exception", about 1 run in 8)."""
     if dist.is_initialized():
         if together:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer left after all agreed to finish: nothing to wait for
+                pass
         dist.destroy_process_group()

@@ -107,7 +107,7 @@ class Trainer:
         self.tracker_factory, self.run_name, self.note = tracker_factory, run_name, note
         self.tracker: Tracker = Tracker()
         self.stats = Stats()
-        self.iteration = self.start_iter = 0
+        self.iteration = self.start_iter = self.checkpointed_at = 0
         self.best: Dict[str, Any] = {"value": math.inf, "iteration": None}
         self.losses: Dict[str, float] = {}
         self.evaluation: Dict[str, Any] = {}
@@ -155,7 +155,7 @@ class Trainer:
         if self.dist.enabled and not isinstance(err, (RankFailure, NonFiniteLoss)) and not self.in_step:
             # the others wait in the next agreement (a failure inside a step was aborted in place)
             _ignore_dead_peers(lambda: self.dist.agree(status))
-        if status == STOP and self.iteration > self.start_iter:
+        if status == STOP and self.iteration > max(self.start_iter, self.checkpointed_at):
             ranks = _ignore_dead_peers(lambda: self.dist.gather(self.rank_state()))
             self.save(CHECKPOINT_NAME, ranks)
         if status == ERROR and not isinstance(err, RankFailure):
@@ -301,6 +301,8 @@ class Trainer:
         window = self.collect_window() if t.log_every and done % t.log_every == 0 else None
         checkpoint = t.ckpt_every and done % t.ckpt_every == 0
         ranks = self.dist.gather(self.rank_state()) if checkpoint else None
+        if checkpoint:
+            self.checkpointed_at = done  # on every rank: an interrupt then needs no second one
         if not self.is_main:
             return clock_start
         if window is not None:
