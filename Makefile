@@ -93,6 +93,7 @@ dashboard: install ## Optuna dashboard on sweeps/optuna.db (needs: .venv/bin/pip
 	$(VENV)/bin/optuna-dashboard sqlite:///$(CURDIR)/sweeps/optuna.db --port 8080
 
 ui: install ## MLflow UI on the project's store (sqlite:///mlflow.db)
+	@echo "open http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning (MLflow's model-training view)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(PORT)
 
 clean: ## remove runs, reports, caches (keeps .venv/, mlflow.db and data/)

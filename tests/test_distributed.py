@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ import torch
 from grafccsr.config import load_config
 from grafccsr.data.loader import InfiniteSampler
 from grafccsr.paths import PROJECT_ROOT
+from grafccsr.services.local import free_port
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 EXACT = ["+exp=smoke", "tracking=none", "train.batch_size=4", "model.render.perturb=false",
          "model.render.density_noise_std=0"]
 """No render jitter: one process and two ranks then draw the same random numbers."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train_steps(rank: int, world: int, overrides, iterations: int, out: str, port: int) -> None:
@@ -59,7 +53,7 @@ def _train_steps(rank: int, world: int, overrides, iterations: int, out: str, po
 def _states(tmp_path: Path, overrides, iterations: int = 3):
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
     _train_steps(0, 1, overrides, iterations, str(single), 0)
-    torch.multiprocessing.spawn(_train_steps, args=(2, overrides, iterations, str(double), _free_port()), nprocs=2)
+    torch.multiprocessing.spawn(_train_steps, args=(2, overrides, iterations, str(double), free_port()), nprocs=2)
     return torch.load(single), torch.load(double)
 
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
 import pytest
 
 from grafccsr.paths import PROJECT_ROOT
+from grafccsr.services.local import free_port
 
 
 def run(*args: str, cwd=PROJECT_ROOT, timeout: int = 240, env=None) -> subprocess.CompletedProcess:
@@ -56,6 +59,49 @@ def test_train_log_has_the_run(smoke_run):
                  "it/s", "it 30/30", "checkpoint", "FINISHED at iteration 30"):
         assert text in log, text
     assert "?workflowType=machine_learning" in result.stdout  # the UI link, printed at the end
+
+
+def _rendered_page(url: str, profile: Path) -> str:
+    """The page's DOM after its scripts ran, in a fresh headless Chromium profile."""
+    result = run(CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                 "--virtual-time-budget=15000", "--dump-dom", url, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install -y chromium; .ci/run installs it)")
+def test_the_printed_link_opens_mlflows_model_training_view(smoke_run, tmp_path):
+    """MLflow 3's UI opens in its GenAI view unless told otherwise; the link printed after a run
+    opens the run in the model-training view, checked in a real browser against ``mlflow ui``."""
+    _, uri, _, result = smoke_run
+    link = next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("MLflow run "))
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow ui did not start"
+                time.sleep(0.5)
+        link = link.replace("http://127.0.0.1:5000", f"http://127.0.0.1:{port}")
+        training_view = _rendered_page(link, tmp_path / "a")
+        genai_view = _rendered_page(link.split("?")[0], tmp_path / "b")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    # the side bar: model training lists Runs and the model registry, GenAI its agents and judges
+    assert ">Runs<" in training_view and "Model registry" in training_view and "Agent versions" not in training_view
+    assert "Agent versions" in genai_view  # without the link's parameter: why the link carries it
 
 
 def test_mlflow_run_uses_mlflows_own_features(smoke_run):
