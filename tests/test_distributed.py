@@ -204,6 +204,8 @@ def test_a_job_restarted_by_torchrun_resumes_from_its_checkpoint(tmp_path):
         if proc.poll() is None:
             proc.kill()
     log = "".join(seen) + (out or "")
+    before_restart = log.split("resuming iterations")[0]
+    assert "another rank stopped answering" in before_restart and "Traceback" not in before_restart
     resumed_from = int(re.search(r"resuming iterations (\d+)\.\.", log).group(1))
     assert resumed_from >= 4 and resumed_from % 4 == 0  # a checkpoint's iteration
     summary = json.loads((run_dir / "metrics.json").read_text())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -44,7 +45,9 @@ class RankLost(RankFailure):
 
     def __init__(self, err: RuntimeError) -> None:
         lines = str(err).strip().splitlines()
-        RuntimeError.__init__(self, f"another rank stopped answering ({lines[0] if lines else type(err).__name__})")
+        # gloo's text: "[file.cc:545] Read error [addr]: Connection reset by peer. This is typically..."
+        cause = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", lines[0]).split(". ")[0] if lines else type(err).__name__
+        RuntimeError.__init__(self, f"another rank stopped answering ({cause})")
         self.status, self.where = ERROR, "collective"
 
 
