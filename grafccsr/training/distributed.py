@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from grafccsr.config import ConfigError
+from grafccsr.training.outcome import is_out_of_memory
 
 OK, BUDGET, STOP, NONFINITE, OOM, ERROR = 0, 1, 2, 3, 4, 5
 """Status codes agreed by all ranks (the maximum wins): BUDGET ends the run normally (its time
@@ -56,6 +57,8 @@ def _collective(call, *args, **kwargs):
     try:
         return call(*args, **kwargs)
     except RuntimeError as err:  # gloo and nccl raise plain RuntimeError (or subclasses) here
+        if is_out_of_memory(err):  # this rank's own allocation failed: an OOM, not a lost peer
+            raise
         raise RankLost(err) from err
 
 
