@@ -86,8 +86,13 @@ def test_each_rank_gets_a_disjoint_shard_of_each_global_batch():
         assert not set(parts[0]) & set(parts[1]) or len(set(whole)) < 8  # disjoint within an epoch
 
 
+def _env(tmp_path: Path) -> dict:
+    """One thread per rank; torchrun's own log folders under the test's folder, not /tmp."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+
+
 def _torchrun(tmp_path: Path, *args: str, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**_env(tmp_path), **(env or {})}
     return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "grafccsr.train", *args],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -142,7 +147,7 @@ def test_sigterm_to_torchrun_checkpoints_once_and_ends_killed(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _env(tmp_path)
     proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "grafccsr.train", "+exp=smoke",
                              "train.device=cpu", "train.batch_size=4", "train.max_iters=100000", "train.ckpt_every=0",
                              "train.sample_every=0", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}",
@@ -172,7 +177,7 @@ def test_a_job_restarted_by_torchrun_resumes_from_its_checkpoint(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _env(tmp_path)
     proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m",
                              "grafccsr.train", "+exp=smoke", "train.device=cpu", "train.batch_size=4",
                              "train.max_iters=100000", "train.ckpt_every=4", "train.sample_every=0",
