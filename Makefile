@@ -84,9 +84,13 @@ rss: install ## CPU: s/iteration and peak process RSS above baseline: ARGS='+exp
 gpu-check: ## on a CUDA machine (~8 min): gpu tests + bench --grid gpu + calibrate, into OUT (default runs/gpu-check; no install step)
 	bash .ci/gpu-check
 
-gpu-wheels: install ## .whl/: this venv's hydra-core, omegaconf, antlr4, pytest(-timeout) as wheels, for a bare GPU machine
+GPU_PYTHON ?= 3.12
+gpu-wheels: install ## .whl/ for a bare GPU machine: hydra, pytest and their pure-Python deps; PyYAML, numpy for GPU_PYTHON (3.12)
 	rm -rf .whl && mkdir -p .whl
-	$(PY) -m pip wheel --quiet --no-deps -w .whl $$($(PY) -m pip freeze | grep -i -E '^(hydra-core|omegaconf|antlr4-python3-runtime|pytest|pytest-timeout|pluggy|iniconfig)==')
+	$(PY) -m pip wheel --quiet --no-deps -w .whl $$($(PY) -m pip freeze | grep -i -E '^(hydra-core|omegaconf|antlr4-python3-runtime|pytest|pytest-timeout|pluggy|iniconfig|pygments|packaging)==')
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(PY) -m pip freeze | grep -i -E '^(pyyaml|numpy)==')
 	ls .whl
 
 dashboard: install ## Optuna dashboard on sweeps/optuna.db (needs: .venv/bin/pip install optuna-dashboard)

@@ -146,6 +146,11 @@ def test_the_gpu_check_needs_only_torch_hydra_numpy_yaml():
             "import grafccsr.cli.bench, grafccsr.cli.memory, grafccsr.sizing.calibrate, grafccsr.sizing.batch_finder\n"
             "import grafccsr.sizing.synthetic, grafccsr.measure, grafccsr.models\n"
             "from grafccsr.cli.memory import main\n"
-            "assert main(['estimate', '+exp=smoke', '--train-only']) == 0\n")
+            "assert main(['estimate', '+exp=smoke', '--train-only']) == 0\n"
+            "try:\n"  # the error path too: a bad value is one line, exit 2
+            "    code = main(['estimate', '+exp=smoke', 'train.batch_size=eight'])\n"
+            "except SystemExit as stop:\n"
+            "    code = stop.code\n"
+            "assert code == 2, code\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

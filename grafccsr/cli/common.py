@@ -27,11 +27,12 @@ def error(message: str, code: int, prog: str = "grafccsr") -> int:
 
 def exit_code_for(err: BaseException, prog: str) -> Optional[int]:
     """The exit code for an expected failure (printed as one line), None for a bug."""
-    from grafccsr.data import DatasetError  # the data package imports PIL, which bare GPU machines may lack
-
+    # a DatasetError exists only where the data package was imported: importing it here would
+    # pull in PIL, which the tools that need no images (and bare GPU machines) may lack
+    data_errors = sys.modules.get("grafccsr.data.errors")
     if isinstance(err, ConfigError):
         return error(str(err), EXIT_CONFIG, prog)
-    if isinstance(err, DatasetError):
+    if data_errors is not None and isinstance(err, data_errors.DatasetError):
         return error(f"data: {err}", EXIT_DATA, prog)
     if isinstance(err, KeyboardInterrupt):
         return error("interrupted", EXIT_INTERRUPTED, prog)
