@@ -38,7 +38,7 @@ test: install ## run the test suite (fast tests; slow and gpu tests are opt-in)
 test-slow: install ## run the slow tests too
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 
-train: install ## train the default job on the embedded dataset (CPU: ~12 min); ARGS='+exp=amp_bs8 ...'
+train: install ## train the default job on the embedded dataset (CPU: ~11 min); ARGS='+exp=amp_bs8 ...'
 	$(PY) -m grafccsr.train $(ARGS)
 
 train-ddp: install ## torchrun: NPROC ranks on this machine (CPU: add train.device=cpu); ARGS='+exp=smoke train.device=cpu'
@@ -57,7 +57,7 @@ services: install ## local PostgreSQL + MLflow server in .services/ (prints --st
 services-stop: ## stop what `make services` started (also cleans up stale pid files)
 	@if [ -x $(PY) ]; then $(PY) -m grafccsr.services stop $(ARGS); else echo "no $(VENV): nothing was started"; fi
 
-ablation: install ## memory guide items one by one vs a baseline (CPU ~15 min; ARGS='--preset gpu' on CUDA)
+ablation: install ## memory guide items one by one vs a baseline (CPU ~2 min; ARGS='--preset gpu' on CUDA)
 	$(PY) -m analysis.ablation $(ARGS)
 
 report: install ## reports/<NAME>/report.md + html (NAME = MLflow experiment or sweep study; default grafccsr)
@@ -78,7 +78,7 @@ max-batch: install ## largest batch under a memory budget: ARGS='+exp=amp_bs8 --
 calibrate: install ## estimator vs measured peaks, CSV + table (DEVICE=cuda on a GPU)
 	$(PY) -m grafccsr.memory calibrate --device $(DEVICE) $(ARGS)
 
-rss: install ## CPU: s/iteration and peak process RSS above baseline: ARGS='+exp=graf_ccsr_original --threads 2'
+rss: install ## CPU: s/iteration and peak process RSS above baseline: ARGS='+exp=graf_ccsr_original model.patch.rays_per_patch=1024 --threads 2' (~8 GiB)
 	$(PY) -m grafccsr.memory rss $(ARGS)
 
 gpu-check: ## on a CUDA machine (~8 min): gpu tests + bench --grid gpu + calibrate, into OUT (default runs/gpu-check; no install step)

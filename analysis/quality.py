@@ -73,7 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 epilog="recipes:\n" + "\n".join(f"  {k:<18} {d}" for k, (_, d) in RECIPES.items()))
     p.add_argument("--budget-min", type=float, default=40.0, help="whole benchmark, in minutes (default 40)")
     p.add_argument("--train-seconds", type=float, default=None,
-                   help="training budget per run (default: %.0f %% of the budget split over the runs)" % (100 * TRAIN_SHARE))
+                   help="training budget per run (default: %.0f %%%% of the budget split over the runs)" % (100 * TRAIN_SHARE))
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help="comma list of recipes (see below)")
     p.add_argument("--define", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="an extra recipe: a name and space-separated Hydra overrides, e.g. "

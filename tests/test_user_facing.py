@@ -41,6 +41,30 @@ def test_help_lists_groups_and_documented_keys():
     assert "defaults:" not in out  # not the composed YAML
 
 
+def test_every_tool_the_readme_names_answers_help():
+    """``--help`` of every ``python -m`` tool in the READMEs exits 0, and every console script
+    the README lists is declared in pyproject.toml and imports."""
+    import re
+
+    readmes = (PROJECT_ROOT / "README.md").read_text() + (PROJECT_ROOT / "sweeps" / "README.md").read_text()
+    modules = sorted(set(re.findall(r"python -m ((?:grafccsr|analysis)[a-z_.]*)", readmes)))
+    assert "grafccsr.train" in modules and len(modules) >= 8, modules
+    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for m in modules}
+    for module, proc in procs.items():
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0 and len(out) > 100 and "Traceback" not in err, (module, err[-2000:])
+    section = (PROJECT_ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    scripts = dict(re.findall(r'^(grafccsr-[a-z]+) = "([\w.]+:\w+)"', section, re.M))
+    listed = set(re.findall(r"`(grafccsr-[a-z]+)`", readmes))
+    assert listed and listed <= set(scripts), sorted(listed - set(scripts))
+    code = "import importlib\n" + "".join(
+        f"assert callable(getattr(importlib.import_module({t.split(':')[0]!r}), {t.split(':')[1]!r}))\n"
+        for t in scripts.values())
+    imported = run(sys.executable, "-c", code)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("user")

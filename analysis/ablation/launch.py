@@ -171,7 +171,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Measure the memory guide's items one by one against a baseline (see analysis/ablation/). "
                     "Extra arguments are Hydra overrides applied to every run.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu (default): smoke-sized, 16 runs, ~10-15 min on 2 cores; gpu: GRAF sizes, batch 8, "
+                   help="cpu (default): smoke-sized, 16 runs, ~2 min on 2 cores; gpu: GRAF sizes, batch 8, "
                         "300 iterations, fp16 AMP (needs CUDA)")
     p.add_argument("--iters", type=int, default=None, help="training iterations per run (preset default)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default ablation-<preset>)")

@@ -18,13 +18,14 @@ full render: its savings depend on values; the benchmark counts a real iteration
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, List, Optional
 
 import torch
 from torch.utils import flop_counter
 
-from grafccsr.config import load_config
+from grafccsr.config import ConfigError, load_config
 from grafccsr.sizing.synthetic import default_num_classes, fake_run
 
 
@@ -87,8 +88,16 @@ def fake_iteration_flops(cfg, num_classes: Optional[int] = None, iteration: int 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(overrides + ["tracking=none", "train.device=cpu", "train.compile=false"])
+    parser = argparse.ArgumentParser(prog="python -m grafccsr.bench.flops",
+                                     description="FLOPs of one D + G training iteration of a config "
+                                                 "(matmuls and convolutions, under FakeTensorMode).")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides (key=value, +exp=NAME)")
+    overrides = parser.parse_args(argv).overrides
+    try:
+        cfg = load_config(overrides + ["tracking=none", "train.device=cpu", "train.compile=false"])
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     flops = fake_iteration_flops(cfg)
     print(f"{flops / 1e12:.4f} TFLOP per D+G iteration (matmuls and convolutions; FakeTensorMode): "
           f"{' '.join(overrides) or 'default config'}")

@@ -78,8 +78,9 @@ impossible combination stops the run with the key named, exit 2). resume=RUN_FOL
 a run from its own stored config. Exit codes: 0 finished, 2 bad config, 3 out of memory,
 4 NaN/Inf loss, 5 unreadable data, 130 interrupted (checkpoint written), 1 a bug.
 
-Presets (+exp=NAME): smoke (seconds), amp_bs8 (GPU research config), baseline_fp32, seed_all,
-graf_ccsr_original (the reference for every ratio)."""
+Presets (+exp=NAME): smoke (seconds), fast (the default job with a third of the points per ray),
+amp_bs8 (GPU research config), baseline_fp32, seed_all, graf_ccsr_original (the reference for
+every ratio); conf/exp/NAME.yaml says what each sets."""
 
 HELP_FOOTER = """Print the composed, validated config: python -m grafccsr.train --cfg job [overrides]
 Hydra's own options (multirun, sweeps, logging): python -m grafccsr.train --hydra-help"""
