@@ -25,7 +25,6 @@ class Report:
     """Printed on the terminal after writing."""
     findings: List[str] = field(default_factory=list)
     images: List[Path] = field(default_factory=list)
-    files: List[Path] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def add(self, title: str, text: str = "", md_table: str = "", images: Sequence[Optional[Path]] = ()) -> None:

@@ -112,7 +112,6 @@ def write_report(name: str, uri: Optional[str] = None, storage: Optional[str] = 
     md.write_text(render_markdown(report))
     page = out_dir / "report.html"
     page.write_text(render_html(report))
-    report.files[:0] = [md, page]
     if log:
         try:
             report.meta["mlflow_report_run"] = log_to_mlflow(report, uri)

@@ -62,7 +62,6 @@ def build_ablation(report: Report, uri: Optional[str], batch: Optional[str]) -> 
     report.meta.update(device=device, batch=table.attrs.get("batch"), runs=status_counts(runs))
     out = report.out_dir
     table.to_csv(out / "ablation_table.csv", index=False)
-    report.files.append(out / "ablation_table.csv")
     report.headline = table_markdown(table)
     report.add("The memory guide's table, measured", table_header(table), md_table=report.headline)
     images = [plots.plot_ablation_changes(table, out / "ablation_changes.png", f"{measure}_change_pct", device,
@@ -122,7 +121,6 @@ def _front_section(report: Report, df: pd.DataFrame, objectives: Objectives, suf
         columns=lambda c: c.replace("trial_params.", "").replace("trial_number", "trial"))
     if len(front):
         front.to_csv(report.out_dir / f"pareto_front{suffix}.csv", index=False)
-        report.files.append(report.out_dir / f"pareto_front{suffix}.csv")
     n_failed = int(((df["status"] != "FINISHED") | df[metrics].isna().any(axis=1)).sum()) if len(df) else 0
     labels = [_label(m) for m in metrics]
     text = (f"Objectives: {', '.join(f'{label} ({d})' for label, d in zip(labels, directions))}. Front computed "

@@ -210,7 +210,6 @@ def run_grid(grid: Grid, device: torch.device, *, repeats: int, warmup: int, row
     selected = [r for r in grid.rows if rows is None or r.name in rows or r is grid.rows[0]]
     results: List[Result] = []
     runners: List[Optional[RowRunner]] = []
-    guarded = _guarded
 
     def setup(row: Row) -> Optional[RowRunner]:
         overrides = ([] if row.replace_base else list(grid.base)) + list(row.overrides) + list(extra)
@@ -235,7 +234,7 @@ def run_grid(grid: Grid, device: torch.device, *, repeats: int, warmup: int, row
             for _ in range(max(1, warmup + row.warmup_extra)):
                 holder[0].warm_up()
 
-        return holder[0] if guarded(result, build) and holder else None
+        return holder[0] if _guarded(result, build) and holder else None
 
     def finish(runner: Optional[RowRunner], result: Result) -> None:
         _finish(runner, result, device, flops, log)
@@ -248,7 +247,7 @@ def run_grid(grid: Grid, device: torch.device, *, repeats: int, warmup: int, row
         for _ in range(rounds):
             for rn, res in live:
                 if res.status == "ok":
-                    guarded(res, rn.iterate)
+                    _guarded(res, rn.iterate)
         for rn, res in zip(runners, results):
             finish(rn, res)
     else:
@@ -257,7 +256,7 @@ def run_grid(grid: Grid, device: torch.device, *, repeats: int, warmup: int, row
             result = results[-1]
             if runner is not None:
                 for _ in range(_budgeted(repeats, runner.last_s, row_budget_s)):
-                    if not guarded(result, runner.iterate):
+                    if not _guarded(result, runner.iterate):
                         break
             finish(runner, result)
     _ratios(results)

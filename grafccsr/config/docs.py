@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import textwrap
 import typing
@@ -86,8 +87,10 @@ HELP_FOOTER = """Print the composed, validated config: python -m grafccsr.train 
 Hydra's own options (multirun, sweeps, logging): python -m grafccsr.train --hydra-help"""
 
 
+@functools.lru_cache(maxsize=None)
 def help_template() -> Dict[str, str]:
-    """Hydra's ``hydra/help`` node: header, the groups and their options, the key reference."""
+    """Hydra's ``hydra/help`` node: header, the groups and their options, the key reference.
+    Built once per process: every compose registers it, and it parses the schema's source."""
     body = "\n".join(reference())
     template = ("${hydra.help.header}\n\n== Config groups (GROUP=OPTION) ==\n$APP_CONFIG_GROUPS\n"
                 "== Keys (KEY=VALUE): type = default, what it is ==" + body.replace("$", "$$") +

@@ -40,6 +40,14 @@ MLFLOW_DB = "mlflow"
 INSTALL_HINT = "apt-get install -y postgresql"
 PG_BIN_ENV = "GRAFCCSR_PG_BIN"
 LOOPBACK = "127.0.0.1"
+WILDCARDS = ("0.0.0.0", "::", "")
+"""Listen addresses that mean every interface."""
+
+
+def local_host(listen: str) -> str:
+    """The address this machine reaches a server on that listens on ``listen``: loopback for a
+    wildcard, else that address (a server bound to one interface is not on loopback)."""
+    return LOOPBACK if listen in WILDCARDS else listen
 MLFLOW_START_TIMEOUT_S = 240.0  # first start runs MLflow's schema migrations (slow on 2 cores)
 STOP_GRACE_S = 15.0
 
@@ -231,12 +239,12 @@ class Services:
     # ------------------------------------------------------------------ URLs
     def _client_host(self, state: Dict[str, Any]) -> str:
         host = state.get("host", self.host)
-        return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+        return socket.gethostname() if host in WILDCARDS else host
 
     def storage_url(self, database: str = OPTUNA_DB, *, local: bool = False) -> str:
         """``postgresql+psycopg2://grafccsr:<password>@host:port/<database>`` (``--storage``)."""
         state = self.load_state()
-        host = LOOPBACK if local else self._client_host(state)
+        host = local_host(state.get("host", self.host)) if local else self._client_host(state)
         return f"postgresql+psycopg2://{PG_ROLE}:{state['password']}@{host}:{state['pg_port']}/{database}"
 
     @property
@@ -246,8 +254,7 @@ class Services:
         return f"http://{self._client_host(state)}:{state['mlflow_port']}"
 
     def _local_tracking_uri(self, state: Dict[str, Any]) -> str:
-        host = LOOPBACK if state.get("host", self.host) in ("0.0.0.0", "::", "") else state.get("host", self.host)
-        return f"http://{host}:{state['mlflow_port']}"
+        return f"http://{local_host(state.get('host', self.host))}:{state['mlflow_port']}"
 
     # ------------------------------------------------------------------ status
     def _pg_running(self, state: Dict[str, Any]) -> Optional[int]:
@@ -331,7 +338,7 @@ class Services:
 
     def _choose_port(self, wanted: Optional[int], previous: Optional[int], host: str,
                      avoid: Sequence[int] = ()) -> int:
-        bind_host = LOOPBACK if host in ("0.0.0.0", "::", "") else host
+        bind_host = local_host(host)
         if wanted:
             if not port_is_free(bind_host, wanted):
                 raise ServicesError(f"port {wanted} on {bind_host} is in use")
@@ -404,7 +411,7 @@ class Services:
 
     def _psql(self, bin_dir: Path, state: Dict[str, Any], sql: str, database: str = "postgres") -> str:
         env = dict(self._pg_env(), PGPASSWORD=state["password"], PGCONNECT_TIMEOUT="10")
-        out = subprocess.run([str(bin_dir / "psql"), "-X", "-h", LOOPBACK, "-p", str(state["pg_port"]), "-U", PG_ROLE,
+        out = subprocess.run([str(bin_dir / "psql"), "-X", "-h", local_host(state["host"]), "-p", str(state["pg_port"]), "-U", PG_ROLE,
                               "-d", database, "-v", "ON_ERROR_STOP=1", "-tAc", sql],
                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
         if out.returncode != 0:
@@ -435,7 +442,7 @@ class Services:
         exe = Path(sys.executable).with_name("mlflow")
         base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "mlflow"]
         cmd = [*base, "server",
-               "--backend-store-uri", f"postgresql+psycopg2://{PG_ROLE}@{LOOPBACK}:{state['pg_port']}/{MLFLOW_DB}",
+               "--backend-store-uri", f"postgresql+psycopg2://{PG_ROLE}@{local_host(state['host'])}:{state['pg_port']}/{MLFLOW_DB}",
                "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
                "--host", state["host"], "--port", str(state["mlflow_port"]), "--workers", str(self.mlflow_workers)]
         if self.allowed_hosts:

@@ -375,7 +375,6 @@ def estimate(cfg: Config, num_classes: Optional[int] = None, *, iterations: int 
 
     t0 = time.perf_counter()
     num_classes = num_classes or default_num_classes(cfg)
-    torch.device("cpu")
     notes = []
     if cfg.train.compile:
         notes.append("train.compile=true is ignored: the estimate is for eager execution")

@@ -98,8 +98,7 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def run_subprocess(cmd: Sequence[str], run_dir: Path, *, timeout_s: Optional[float] = None,
-                   stop_event: Optional[threading.Event] = None, heartbeat: Optional[Callable[[], None]] = None,
-                   heartbeat_every_s: float = 60.0, env: Optional[Mapping[str, str]] = None,
+                   stop_event: Optional[threading.Event] = None, env: Optional[Mapping[str, str]] = None,
                    poll_s: float = 0.2, procs: Optional[set] = None,
                    on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> tuple:
     """Run ``cmd`` with stdout/stderr in ``run_dir``; returns ``(exit_code, stop_cause, seconds)``.
@@ -111,7 +110,6 @@ def run_subprocess(cmd: Sequence[str], run_dir: Path, *, timeout_s: Optional[flo
     start = time.monotonic()
     stop_cause = None
     signalled_at = None
-    last_beat = start
     with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
         proc = subprocess.Popen(die_with_parent(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 env=dict(env) if env is not None else None, start_new_session=True)
@@ -130,12 +128,6 @@ def run_subprocess(cmd: Sequence[str], run_dir: Path, *, timeout_s: Optional[flo
                 except subprocess.TimeoutExpired:
                     pass
                 now = time.monotonic()
-                if heartbeat is not None and now - last_beat >= heartbeat_every_s:
-                    last_beat = now
-                    try:
-                        heartbeat()
-                    except Exception:  # a missed heartbeat must not kill the trial
-                        pass
                 if stop_cause is None:
                     if stop_event is not None and stop_event.is_set():
                         stop_cause = "interrupted"

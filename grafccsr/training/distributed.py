@@ -19,7 +19,7 @@ import datetime
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -136,12 +136,9 @@ class Dist:
 
     def max_over_ranks(self, values: Dict[str, float]) -> Dict[str, float]:
         """Each key's maximum over the ranks (memory peaks); keys missing on a rank count as 0."""
-        if not self.enabled or self.simulated:
-            return dict(values)
-        gathered: List[Optional[Dict[str, float]]] = [None] * self.world_size
-        _collective(dist.all_gather_object, gathered, values)
-        keys = sorted({k for d in gathered for k in (d or {})})
-        return {k: max((d or {}).get(k, 0.0) for d in gathered) for k in keys}
+        gathered = self.gather(values)
+        keys = sorted({k for d in gathered for k in d})
+        return {k: max(d.get(k, 0.0) for d in gathered) for k in keys}
 
     def gather(self, value: Any) -> List[Any]:
         """Every rank's ``value`` (rank order), on every rank."""

@@ -249,7 +249,8 @@ class Trainer:
                 with self.stats.timer("timing/data_s"):
                     batch = self.next_batch(iteration)
                 self.train_clock = time.perf_counter() - clock_start
-                budget_spent = bool(t.time_budget_s) and self.train_clock >= t.time_budget_s
+                # rank 0's clock decides (only it skips snapshot time); the agreement spreads it
+                budget_spent = self.is_main and bool(t.time_budget_s) and self.train_clock >= t.time_budget_s
                 status = self.dist.agree(STOP if stop.requested else BUDGET if budget_spent else OK)
                 if status == BUDGET:
                     self.stopped_by_budget = True
@@ -379,14 +380,12 @@ class Trainer:
     def collect_window(self) -> Dict[str, float]:
         """The log window's means (losses are already averaged over the ranks by the steps), its
         throughput, and memory peaks as the maximum over the ranks. Every rank calls this."""
-        timed = self.stats.count("timing/untracked_step_s")
         window = self.stats.collect()
         untracked = window.pop("timing/untracked_step_s", None)
-        if untracked:
-            window.update(throughput(timed, timed * untracked, self.rays_per_iteration, self.points_per_ray))
-            del window["perf/timed_iterations"]  # logged once, for the run, at the end
-        window.update(self.dist.max_over_ranks(self.memory.pop_window()))
-        window["mem/process_peak_rss_mb"] = max(self.dist.gather(process_peak_rss_mb()))
+        if untracked:  # the window's mean seconds per untracked iteration
+            window.update(throughput(1, untracked, self.rays_per_iteration, self.points_per_ray))
+        window.update(self.dist.max_over_ranks({**self.memory.pop_window(),
+                                                "mem/process_peak_rss_mb": process_peak_rss_mb()}))
         return window
 
     def log_window(self, done: int, metrics: Dict[str, float]) -> None:
@@ -498,8 +497,8 @@ class Trainer:
             "peak_memory_measure": "cuda_peak_reserved" if is_cuda else "peak_live_tensors",
             "peak_memory_scope": "training step (d_step, g_step); see memory for sample/eval",
             "process_peak_rss_mb": process_peak_rss_mb(),
-            "perf": throughput(self.timed["iterations"], self.timed["seconds"], self.rays_per_iteration,
-                               self.points_per_ray),
+            "perf": _with_count(self.timed["iterations"], throughput(
+                self.timed["iterations"], self.timed["seconds"], self.rays_per_iteration, self.points_per_ray)),
             "losses": self.losses,
             "eval": evaluation,
             "fid_extractor": cfg.eval.extractor,
@@ -515,6 +514,11 @@ def _ignore_dead_peers(collective):
     except RuntimeError as err:  # gloo/nccl: a peer closed the connection or timed out
         log.warning("ranks could not agree (%s)", first_line(err))
         return None
+
+
+def _with_count(iterations: int, perf: Dict[str, float]) -> Dict[str, float]:
+    """The run's throughput with how many timed iterations it rests on (logged once, at the end)."""
+    return {"perf/timed_iterations": iterations, **perf} if perf else perf
 
 
 def _status_of(err: BaseException) -> int:

@@ -61,7 +61,6 @@ def throughput(iterations: int, seconds: float, rays_per_iteration: int, points_
         return {}
     it_per_s = iterations / seconds
     return {
-        "perf/timed_iterations": iterations,
         "perf/it_per_s": it_per_s,
         "perf/rays_per_s": it_per_s * rays_per_iteration,
         "perf/points_per_s": it_per_s * rays_per_iteration * points_per_ray,

@@ -198,8 +198,7 @@ class GanStep:
         unless ``sums[name]`` is not finite (then the gradients are dropped and
         ``sums["skipped"]`` is set). True if applied. Every rank decides alike: on averages."""
         if self.dist.enabled:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            sums.update(self.dist.average_gradients(params, sums))
+            sums.update(self.dist.average_gradients(_params(optimizer), sums))
         if check_finite and not self._check(name, sums[name], iteration):
             optimizer.zero_grad(set_to_none=True)
             sums["skipped"] = torch.ones((), device=self.device)
@@ -301,7 +300,7 @@ class GanStep:
         if not self.dist.enabled:
             return
         optimizer, names = (self.opt_d, D_SUMS) if phase == "d_step" else (self.opt_g, G_SUMS)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = _params(optimizer)
         for p in params:
             p.grad = None
         self.dist.average_gradients(params, {k: torch.zeros((), device=self.device) for k in names}, status)
@@ -374,3 +373,8 @@ def _check_fits(name: str, module: nn.Module, stored: Dict[str, torch.Tensor]) -
         if own[key].shape != stored[key].shape:
             raise ConfigError(f"{name}.{key} has shape {tuple(stored[key].shape)} in the checkpoint but "
                               f"{tuple(own[key].shape)} with this config: an override changes the model's shape")
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list:
+    """The parameters an optimiser updates, in its order (the order every rank flattens them in)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
