@@ -210,6 +210,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         try:
             cfg, resumed_folder = plan_run(args.overrides)
             if resumed_folder is not None:
+                if (_resume_value(args.overrides) or "").startswith("mlflow:"):
+                    # downloaded once, here: the task resumes from that copy, in the same folder
+                    argv = [o for o in argv if not o.lstrip("+").startswith("resume=")]
+                    argv += [f"resume={cfg.resume}", f"output_dir={resumed_folder}"]
                 # continue in the run's own folder (train.log appended), keeping its .hydra/
                 argv += [f"hydra.run.dir={resumed_folder}", "hydra.output_subdir=null"]
             argv += torchrun_overrides(args.overrides, cfg, resumed_folder)
