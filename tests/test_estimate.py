@@ -218,3 +218,13 @@ def test_peak_rss_resets_and_rss_command_reports_iterations(tmp_path, capsys):
     assert len(result["iteration_s"]) == 2 and all(s > 0 for s in result["iteration_s"])
     assert result["peak_rss_above_baseline_mb"] >= 0 and result["baseline_rss_mb"] > 0
     assert "peak RSS above baseline" in capsys.readouterr().out
+
+
+def test_the_estimate_of_one_rank_refuses_a_batch_training_refuses():
+    """Per rank, batch 4 over 2 ranks is 2 images: 4 accumulation steps cannot split it."""
+    from grafccsr.config import ConfigError
+    from grafccsr.sizing.estimate import estimate
+
+    cfg = load_config(["+exp=smoke", "train.batch_size=4", "train.grad_accum_steps=4"])
+    with pytest.raises(ConfigError, match="2 per rank, not divisible by train.grad_accum_steps=4"):
+        estimate(cfg, 2, world_size=2)

@@ -383,7 +383,7 @@ def estimate(cfg: Config, num_classes: Optional[int] = None, *, iterations: int 
         notes.append("autocast follows CPU cast lists under the fake run (CUDA's differ slightly, see module docs)")
 
     dist = Dist(0, world_size, 0, simulated=True) if world_size > 1 else Dist()
-    dist.local_batch(cfg.train.batch_size)  # a batch that does not divide fails here, as in training
+    dist.local_batch(cfg.train.batch_size, cfg.train.grad_accum_steps)  # a batch that does not divide fails here, as in training
     step, batch, fake_mode = fake_run(cfg, num_classes, dist)
 
     phases: List[PhaseEstimate] = []

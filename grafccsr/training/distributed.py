@@ -81,11 +81,16 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def local_batch(self, batch_size: int) -> int:
+    def local_batch(self, batch_size: int, grad_accum_steps: int = 1) -> int:
+        """Each rank's share of the global batch; it must split into ``grad_accum_steps`` micro-batches."""
         if batch_size % self.world_size:
             raise ConfigError(f"train.batch_size={batch_size} (the global batch) must be divisible by the "
                               f"{self.world_size} ranks")
-        return batch_size // self.world_size
+        local = batch_size // self.world_size
+        if local % grad_accum_steps:
+            raise ConfigError(f"train.batch_size={batch_size} over {self.world_size} ranks gives {local} per rank, "
+                              f"not divisible by train.grad_accum_steps={grad_accum_steps}")
+        return local
 
     def shard(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous part of a global-batch tensor."""

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from grafccsr.config import Config, ConfigError, flatten, to_dict, to_yaml
+from grafccsr.config import Config, flatten, to_dict, to_yaml
 from grafccsr.data import build_dataset, build_loader
 from grafccsr.measure import PhaseMemory, process_peak_rss_mb
 from grafccsr.metrics import evaluate_generator, keyed, metric_key
@@ -166,10 +166,7 @@ class Trainer:
         config or data error leaves nothing behind."""
         cfg, t = self.cfg, self.cfg.train
         self.device = distributed.init(self.dist, resolve_device(t.device), t.dist_timeout_s)
-        self.local_batch = self.dist.local_batch(t.batch_size)
-        if self.local_batch % t.grad_accum_steps:
-            raise ConfigError(f"train.batch_size={t.batch_size} over {self.dist.world_size} ranks gives "
-                              f"{self.local_batch} per rank, not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+        self.local_batch = self.dist.local_batch(t.batch_size, t.grad_accum_steps)
         if not self.is_main:
             log.setLevel(logging.WARNING)  # rank 0 tells the story
         if self.device.type == "cuda" and t.tf32:
