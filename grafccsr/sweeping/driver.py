@@ -151,6 +151,7 @@ class Sweep:
         self._predict_lock = threading.Lock()
         self._heartbeats: Dict[int, HeartbeatThread] = {}
         self._announced_wait = False
+        self._lost: List[tuple] = []  # (trial, message) failed by _on_stale, told after the lock
 
     # -------------------------------------------------------------- output
     def say(self, line: str) -> None:
@@ -222,41 +223,18 @@ class Sweep:
         return len(seen) >= self.spec.grid_size()
 
     def _claim(self):
-        """Under the study lock: fail stale trials, count, then ask. Returns None when the study
-        has its total and no other process's trial is still running (those are waited for while
-        heartbeats are on: if their process died, the retry is run here)."""
-        import optuna
-        from optuna.trial import TrialState
-
+        """The next trial to run: fail stale trials, count, then ask, under the study lock.
+        Returns None when the study has its total and no other process's trial is still running
+        (those are waited for while heartbeats are on: if their process died, the retry is run
+        here)."""
         wait_s = 0.5
         while True:
-            with self.lock:
-                if self.stop_event.is_set():
-                    return None
-                study = self.study
-                if self._heartbeat:
-                    optuna.storages.fail_stale_trials(study)
-                trials = study.get_trials(deepcopy=False)
-                waiting = any(t.state == TrialState.WAITING for t in trials)
-                done = sum(counts_toward_total(t) for t in trials) >= self.n_trials
-                if not done and self.spec.sampler == "grid" and not waiting and self._grid_covered(trials):
-                    done = True
-                if not done:
-                    # A fresh sampler seeded by the trial count: reproducible, and two sweep processes
-                    # started together do not draw the same random start-up points.
-                    study.sampler = self._make_sampler(trial_seed(self.spec.seed, len(trials)))
-                    trial = study.ask(self.spec.distributions())
-                    if self._heartbeat:
-                        self._heartbeats[trial.number] = HeartbeatThread(
-                            study._storage, trial._trial_id, float(self.spec.heartbeat_interval_s)).start()
-                    with self._state_lock:
-                        self._active[trial.number] = (trial, dict(trial.params))
-                    return trial
-                with self._state_lock:
-                    mine = set(self._active)
-                others = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in mine]
-                if not (self._heartbeat and others and self.n_trials > 0):
-                    return None
+            try:
+                trial, others = self._claim_once()
+            finally:
+                self._tell_lost()  # MLflow calls and scancel after the lock: the others wait on it
+            if trial is not None or others is None:
+                return trial
             if not self._announced_wait:
                 self._announced_wait = True
                 self.say(f"waiting for trial(s) {', '.join(map(str, others))} of other sweep processes "
@@ -264,6 +242,41 @@ class Sweep:
             if self.stop_event.wait(wait_s):
                 return None
             wait_s = min(wait_s * 1.5, max(0.5, min(float(self.spec.heartbeat_interval_s), 10.0)))
+
+    def _claim_once(self):
+        """One pass under the study lock: (the asked trial, None), or (None, other processes'
+        running trial numbers to wait for), or (None, None) when there is nothing to do."""
+        import optuna
+        from optuna.trial import TrialState
+
+        with self.lock:
+            if self.stop_event.is_set():
+                return None, None
+            study = self.study
+            if self._heartbeat:
+                optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            done = sum(counts_toward_total(t) for t in trials) >= self.n_trials
+            if not done and self.spec.sampler == "grid" and not waiting and self._grid_covered(trials):
+                done = True
+            if not done:
+                # A fresh sampler seeded by the trial count: reproducible, and two sweep processes
+                # started together do not draw the same random start-up points.
+                study.sampler = self._make_sampler(trial_seed(self.spec.seed, len(trials)))
+                trial = study.ask(self.spec.distributions())
+                if self._heartbeat:
+                    self._heartbeats[trial.number] = HeartbeatThread(
+                        study._storage, trial._trial_id, float(self.spec.heartbeat_interval_s)).start()
+                with self._state_lock:
+                    self._active[trial.number] = (trial, dict(trial.params))
+                return trial, None
+            with self._state_lock:
+                mine = set(self._active)
+            others = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in mine]
+            if not (self._heartbeat and others and self.n_trials > 0):
+                return None, None
+            return None, others
 
     def _grace_s(self) -> float:
         interval = float(self.spec.heartbeat_interval_s or 0)
@@ -278,7 +291,8 @@ class Sweep:
         """Optuna's stale-trial callback (inside ``fail_stale_trials``, under the study lock, in
         the one process that failed the trial): queue it again once — like Optuna's
         ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial``/``retry_history`` system
-        attributes) but without the dead run's own attributes — and close its MLflow run."""
+        attributes) but without the dead run's own attributes. The queueing must happen under the
+        lock (the count stays exact); closing its MLflow run waits for :meth:`_tell_lost`."""
         import optuna
 
         system_attrs = {"failed_trial": trial.number, "retry_history": [], **trial.system_attrs}
@@ -295,14 +309,23 @@ class Sweep:
         message = (f"the sweep process running trial {trial.number} ({where or 'unknown worker'}) sent no heartbeat "
                    f"for over {self._grace_s():.0f} s; failed by {socket.gethostname()} pid {os.getpid()}"
                    + ("; queued again" if retried else "; already retried, not queued again"))
-        if attrs.get("launcher") == "submitit" and attrs.get("cluster") == "slurm" and attrs.get("job_id"):
-            launchers.cancel_job(attrs["job_id"])  # its job would run on, unobserved
-        if self.tracker is not None:
-            try:
-                self.tracker.close_lost(trial, message, self._where_tags(attrs))
-            except Exception as err:  # noqa: BLE001
-                self.say(f"[trial {trial.number}] warning: could not close its MLflow run: {err}")
-        self.say(f"[trial {trial.number}] FAIL(worker_lost) {message}")
+        with self._state_lock:
+            self._lost.append((trial, message))
+
+    def _tell_lost(self) -> None:
+        """For the trials :meth:`_on_stale` failed: cancel a SLURM job, close the MLflow run, say it."""
+        with self._state_lock:
+            lost, self._lost = self._lost, []
+        for trial, message in lost:
+            attrs = trial.user_attrs
+            if attrs.get("launcher") == "submitit" and attrs.get("cluster") == "slurm" and attrs.get("job_id"):
+                launchers.cancel_job(attrs["job_id"])  # its job would run on, unobserved
+            if self.tracker is not None:
+                try:
+                    self.tracker.close_lost(trial, message, self._where_tags(attrs))
+                except Exception as err:  # noqa: BLE001
+                    self.say(f"[trial {trial.number}] warning: could not close its MLflow run: {err}")
+            self.say(f"[trial {trial.number}] FAIL(worker_lost) {message}")
 
     @staticmethod
     def _where_tags(attrs: Dict[str, Any]) -> Dict[str, Any]:
