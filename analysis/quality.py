@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from grafccsr.metrics.keys import METRIC_NAMES, RANDOM_FEATURES, metric_key  # noqa: E402
 from grafccsr.paths import PROJECT_ROOT  # noqa: E402
 
 RECIPES: Dict[str, tuple] = {
@@ -133,7 +134,7 @@ def _evaluate(task: tuple) -> Dict:
     state = load_checkpoint(path)
     metrics = compute_metrics(load_eval_model(Path(path), overrides, state), seed=0)
     return {"train_seconds": state.get("train_seconds"), "iteration": state["iteration"],
-            **{k: metrics[k] for k in ("fid_rf", "kid_rf_mean", "kid_rf_std")}}
+            **{k: metrics[k] for k in (metric_key(n, RANDOM_FEATURES) for n in METRIC_NAMES)}}
 
 
 def eval_overrides(samples: int) -> List[str]:
@@ -226,17 +227,15 @@ def table_markdown(summary: Dict, settings: Dict) -> str:
 
 
 def plot_curves(summary: Dict, path: Path) -> Path:
-    import matplotlib
+    from analysis.plots import MIN_CURVE_POINTS, _plt
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "curve_fid", "FID (random features)"), (axes[1], "curve_kid", "KID (random features)")):
         for name, row in summary["recipes"].items():
             pts = row[key]
-            if len(pts) < 3:
-                continue  # a curve needs three points
+            if len(pts) < MIN_CURVE_POINTS:
+                continue
             x = [p["seconds"] for p in pts]
             ax.plot(x, [p["mean"] for p in pts], marker="o", label=f"{name} ({row['seeds']} seeds)")
             ax.fill_between(x, [p["min"] for p in pts], [p["max"] for p in pts], alpha=0.2)
