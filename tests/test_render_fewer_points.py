@@ -1,6 +1,6 @@
-"""Fewer field evaluations at equal quality: rays clipped to the scene's ball, coarse-to-fine
-importance sampling, early ray termination. Each switch against the plain render and the
-analytic sphere (tests/test_models.py)."""
+"""Fewer field evaluations at equal quality: rays clipped to the scene's ball, the generator's
+occupancy grid (more in tests/test_occupancy.py), coarse-to-fine importance sampling, early ray
+termination. Each switch against the plain render and the analytic sphere (tests/test_models.py)."""
 
 from __future__ import annotations
 
@@ -216,3 +216,58 @@ def test_render_settings_carry_the_switches():
 
     with pytest.raises(ConfigError, match="model.render.bound_radius"):
         load_config(["tracking=none", "model.render.bound_radius=3.0"])
+
+
+def _sphere_grid(resolution: int = 64):
+    """An occupancy grid learned from the analytic sphere's density (its warm-up, then a switch)."""
+    from grafccsr.models.occupancy import OccupancyGrid
+
+    cfg = load_config(["tracking=none", "model.occupancy.enabled=true", f"model.occupancy.resolution={resolution}"])
+    s = RenderSettings.from_config(cfg)
+    grid = OccupancyGrid(cfg.model.occupancy, 1)
+    density = lambda points, rng: torch.where(points.norm(dim=-1) <= RADIUS, DENSITY, 0.0)  # noqa: E731
+    occ = cfg.model.occupancy
+    for k in range(occ.warmup_iters // occ.update_every + 1):
+        grid.update(k * occ.update_every, s.occupancy_half_size, density, seed=0)
+    return grid, s
+
+
+def test_the_occupancy_grid_renders_the_sphere_without_being_told_its_radius():
+    """No radius given: 32 samples in the cells a 64^3 grid learned from the sphere's own density
+    are at least 3x closer to the analytic sphere than 64 on [near, far] (0.014 / 0.030 against
+    0.045 / 0.106 at the time of writing); rays the grid says miss render nothing."""
+    origins, directions = _sphere_rays()
+    field, z = SphereField(DENSITY, RADIUS), torch.zeros(1, 1)
+    grid, s = _sphere_grid()
+    sampler = grid.sampler(torch.zeros(1, dtype=torch.long), s.occupancy_half_size, s.occupancy_steps)
+    plain = render_rays(field, origins, directions, z, z, settings(samples_per_ray=64))
+    grid32 = render_rays(field, origins, directions, z, z, dataclasses.replace(s, samples_per_ray=32, perturb=False),
+                         occupancy=sampler)
+    plain_err, grid_err = _errors(plain, origins, directions), _errors(grid32, origins, directions)
+    assert grid_err[0] <= plain_err[0] / 3 and grid_err[1] <= plain_err[1] / 3, (grid_err, plain_err)
+    assert not grid.occupied.all() and grid.occupied.float().mean() < 0.01
+
+
+def test_fast_preset_uses_the_grid_and_no_termination_that_could_not_fire():
+    """``+exp=fast``: the occupancy grid, no radius, 8 samples. Early termination is not in it: a
+    ray's transmittance is checked after every ``termination_chunk`` samples, so with 8 samples and
+    the default chunk of 8 it was only checked after the last one and never saved a point (shown
+    here on an opaque sphere); with a chunk of 2 it does, but on a +exp=fast generator trained for
+    1000 iterations it saved 0.04 % of the points (README)."""
+    cfg = load_config(["+exp=fast", "tracking=none"])
+    render = cfg.model.render
+    assert cfg.model.occupancy.enabled and render.bound_radius == 0 and render.termination_transmittance == 0
+    assert render.samples_per_ray == 8
+    origins, directions = _sphere_rays()
+    z = torch.zeros(1, 1)
+    points = {}
+    for chunk in (8, 2):
+        field = CountingField(SphereField(30.0, RADIUS))
+        with torch.no_grad():
+            render_rays(field, origins, directions, z, z, settings(samples_per_ray=8, bound_radius=BALL,
+                                                                   termination_transmittance=0.01,
+                                                                   termination_chunk=chunk))
+        points[chunk] = field.points
+    _, _, hit = ray_bounds(origins, directions, 1.5, 4.5, BALL)
+    assert points[8] == 8 * int(hit.sum())  # every sample of every ray that enters the ball
+    assert points[2] < points[8]

@@ -71,8 +71,9 @@ class Primitive:
 @dataclass(frozen=True)
 class Recipe:
     """A named union of primitives and the texture pattern painted on it.
-    Every recipe fits in a ball of radius 0.37 around the origin (the view's
-    half-width there is 0.44 with the default camera)."""
+    Every recipe of :data:`RECIPES` fits in a ball of radius 0.37 around the origin (the
+    view's half-width there is 0.44 with the default camera); those of
+    :data:`OFFSET_RECIPES` need 0.42."""
 
     name: str
     parts: Tuple[Primitive, ...]
@@ -109,6 +110,30 @@ RECIPES: Tuple[Recipe, ...] = (
     Recipe("ball", (Primitive("sphere", (0.0, 0.0, 0.0), (0.28,)),), "checker"),
 )
 
+OFFSET_RECIPES: Tuple[Recipe, ...] = (
+    Recipe(
+        "column_block",
+        (
+            Primitive("cylinder", (0.17, 0.07, 0.02), (0.06, 0.27)),  # a tall, thin column off the axis
+            Primitive("box", (-0.145, -0.10, -0.20), (0.10, 0.075, 0.055)),  # a low block across from it
+        ),
+        "bands",
+    ),
+    Recipe(
+        "pillar_slab",
+        (
+            Primitive("box", (-0.19, 0.085, 0.025), (0.05, 0.05, 0.265)),
+            Primitive("box", (0.12, -0.12, -0.215), (0.125, 0.095, 0.04)),
+        ),
+        "checker",
+    ),
+)
+"""``data.synthetic.scene=offset``: two objects per class, off-centre and of different heights,
+so that the ball around the origin that holds them (radius 0.42) is mostly empty; every view of
+the set keeps them inside the image."""
+
+SCENES: Dict[str, Tuple[Recipe, ...]] = {"centred": RECIPES, "offset": OFFSET_RECIPES}
+
 
 @dataclass(frozen=True)
 class ClassStyle:
@@ -123,8 +148,8 @@ class ClassStyle:
     rotation: float
 
 
-def class_styles(num_classes: int, seed: int) -> List[ClassStyle]:
-    """Styles of all classes: shapes cycle through :data:`RECIPES`, hues step by the
+def class_styles(num_classes: int, seed: int, scene: str = "centred") -> List[ClassStyle]:
+    """Styles of all classes: shapes cycle through the ``scene``'s recipes (:data:`SCENES`), hues step by the
     golden ratio from a seeded start, frequency and rotation are seeded jitter.
     Names are zero-padded so that sorted folder names give the class index."""
     rng = random.Random(seed)
@@ -132,7 +157,7 @@ def class_styles(num_classes: int, seed: int) -> List[ClassStyle]:
     width = len(str(num_classes - 1))
     styles = []
     for k in range(num_classes):
-        recipe = RECIPES[k % len(RECIPES)]
+        recipe = SCENES[scene][k % len(SCENES[scene])]
         hue = (hue0 + k * _GOLDEN) % 1.0
         styles.append(
             ClassStyle(
@@ -337,6 +362,7 @@ def _settings(cfg: DataConfig, cam: CameraConfig) -> Dict[str, Any]:
         "seed": int(syn.seed),
         "elevation_prefixes": [str(p) for p in cfg.elevation_prefixes],
         "elevation_v": [float(v) for v in cfg.elevation_v],
+        **({"scene": syn.scene} if syn.scene != "centred" else {}),  # the centred set keeps its fingerprint
         "camera": {
             "fov_deg": float(cam.fov_deg),
             "radius": float(cam.radius),
@@ -406,7 +432,7 @@ def _check(cfg: DataConfig) -> None:
 
 def _render_into(folder: Path, cfg: DataConfig, camera: CameraConfig) -> None:
     """Write every image, then the manifest (so a manifest implies a finished build)."""
-    styles = class_styles(cfg.synthetic.num_classes, cfg.synthetic.seed)
+    styles = class_styles(cfg.synthetic.num_classes, cfg.synthetic.seed, cfg.synthetic.scene)
     views = _views(cfg)
     u = torch.tensor([deg / 360.0 for _, deg in views])
     v = torch.tensor([float(cfg.elevation_v[e]) for e, _ in views])

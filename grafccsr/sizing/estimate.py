@@ -53,6 +53,11 @@ Known differences from a real CUDA run
   formulas (what a real CPU step saves).
 * ``train.compile`` is ignored: the estimate is for eager execution (Inductor
   usually saves fewer activations).
+* The occupancy grid (``model.occupancy``): shapes are static, so the training step traces as
+  it runs; renders without autograd count every ray (the rays the grid skips depend on values:
+  an upper bound); its update is a phase of its own (``grid_update``, every cell evaluated: the
+  warm-up's, an upper bound after it), outside the training-step peak like sampling and
+  evaluation.
 """
 
 from __future__ import annotations
@@ -405,6 +410,9 @@ def estimate(cfg: Config, num_classes: Optional[int] = None, *, iterations: int 
         for it in range(iterations):
             run_phase("d_step", it, lambda: step.d_step(batch, it, check_finite=False))
             run_phase("g_step", it, lambda: step.g_step(batch, it, check_finite=False))
+        if step.generator.occupancy is not None:  # the loop's grid update, priced at every cell (its dearest)
+            run_phase("grid_update", iterations, lambda: step.generator.update_occupancy(
+                0, step.render_settings, cfg.train.seed, every_cell=True))
         if render_phases:
             for name, count, size in _render_jobs(cfg, num_classes):
                 run_phase(name, iterations, lambda: _render(step.sampling_generator, cfg, count, size, num_classes))
