@@ -65,6 +65,28 @@ def labelled_grid(grid: np.ndarray, row_labels: Sequence[str], col_labels: Seque
     return np.asarray(canvas)
 
 
+def with_depth_bar(grid: np.ndarray, near: float, far: float, height: int = 14) -> np.ndarray:
+    """``grid`` (H, W, C) of depth maps drawn as in :func:`grafccsr.evaluation.media.depth_to_uint8`
+    (depth ``near`` bright, ``far`` dark, nothing hit black) with a grey-scale bar under it that
+    says so: its left end is ``far``, its right end ``near``, with a black "no hit" swatch first."""
+    image = _pil(grid if grid.shape[-1] == 3 else np.repeat(grid, 3, axis=-1))
+    width = image.width
+    canvas = Image.new("RGB", (width, image.height + height + 14))
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    top, swatch = image.height + 2, 12
+    draw.rectangle((2, top, 2 + swatch, top + height), fill=(0, 0, 0), outline=(128, 128, 128))
+    left, right = 6 + swatch, width - 3
+    for x in range(left, right + 1):
+        level = int(round(255 * (0.1 + 0.9 * (x - left) / max(1, right - left))))
+        draw.line((x, top, x, top + height), fill=(level, level, level))
+    draw.text((2, top + height + 2), "no hit", fill=(255, 255, 255))
+    draw.text((left + 40, top + height + 2), f"far {far:g}", fill=(255, 255, 255))
+    label = f"near {near:g}"
+    draw.text((right - 7 * len(label), top + height + 2), label, fill=(255, 255, 255))
+    return np.asarray(canvas)
+
+
 def _pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 

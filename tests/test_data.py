@@ -3,6 +3,7 @@ loader (every bad input named), and the endless, resumable loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from PIL import Image
 
 from grafccsr.config import CameraConfig, DataConfig, MemoryConfig, SyntheticConfig
+from grafccsr.config.schema import HoldoutConfig
+from grafccsr.data.holdout import held_out_mask
 from grafccsr.paths import PROJECT_ROOT
 from grafccsr.data import DatasetError, InfiniteSampler, MultiViewFolder, build_dataset, build_loader, build_synthetic
 from grafccsr.data import synthetic
@@ -272,6 +275,68 @@ def test_loader_settings_follow_memory_config(five_classes):
     two = build_loader(five_classes, 4, MemoryConfig(loader_workers=2), cpu, seed=0)
     batches = take(two, 3)
     assert [b["label"].tolist() for b in batches] == [b["label"].tolist() for b in take(plain, 3)]
+
+
+# --------------------------------------------------------------------------- held-out views
+
+
+def with_holdout(cfg: DataConfig, **holdout) -> DataConfig:
+    return dataclasses.replace(cfg, holdout=HoldoutConfig(**holdout))
+
+
+def test_holdout_selects_azimuth_steps_sectors_and_elevations(five_classes):
+    labels = five_classes.labels  # 8 azimuths, 45 degrees apart, 4 elevations, 5 classes
+
+    def held(**holdout):
+        mask = held_out_mask(labels, HoldoutConfig(**holdout))
+        return sorted(set(labels[mask, 2].tolist())), sorted(set(labels[mask, 1].tolist())), int(mask.sum())
+
+    assert held(every_k_azimuth=8) == ([0], [0, 1, 2, 3], 5 * 4)  # the default: every 8th azimuth step
+    assert held(every_k_azimuth=4, azimuth_offset=1) == ([45, 225], [0, 1, 2, 3], 5 * 4 * 2)
+    assert held(every_k_azimuth=0, azimuth_ranges=["90-180"]) == ([90, 135], [0, 1, 2, 3], 5 * 4 * 2)  # [low, high)
+    assert held(every_k_azimuth=0, azimuth_ranges=["300-10"]) == ([0, 315], [0, 1, 2, 3], 5 * 4 * 2)  # through 0
+    assert held(every_k_azimuth=4, azimuth_ranges=["90-100"], elevations=[1, 3]) == ([0, 90, 180], [1, 3], 5 * 2 * 3)
+    assert held(every_k_azimuth=0) == ([], [], 0)
+    record = five_classes.holdout_record
+    assert record == {"views": 20, "train_views": 140, "azimuths_deg": {p: [0] for p in ("0", "0.5", "1", "1.5")}}
+
+
+def test_the_loader_never_draws_a_held_out_view(five_classes):
+    cfg = with_holdout(small_cfg(num_classes=5), every_k_azimuth=4, azimuth_offset=1)
+    dataset = MultiViewFolder(five_classes.root, cfg)
+    seen = {tuple(label) for batch in take(build_loader(dataset, 8, MemoryConfig(loader_workers=0),
+                                                         torch.device("cpu"), seed=0), 60)
+            for label in batch["label"].tolist()}
+    held = {tuple(label) for label in dataset.labels[dataset.held_out].tolist()}
+    train = {tuple(label) for label in dataset.labels[~dataset.held_out].tolist()}
+    assert len(held) == 40 and not seen & held and seen == train  # 480 draws cover all 120 training views
+    # resumable as before: batch 25 onwards equals a loader started at batch 25
+    full = take(build_loader(dataset, 6, MemoryConfig(loader_workers=0), torch.device("cpu"), seed=1), 30)
+    resumed = take(build_loader(dataset, 6, MemoryConfig(loader_workers=0), torch.device("cpu"), seed=1,
+                                start_batch=25), 5)
+    assert all(torch.equal(a["label"], b["label"]) for a, b in zip(full[25:], resumed))
+
+
+def test_holdout_of_a_real_folder_and_its_errors(tmp_path):
+    for spec in ("specA", "specB"):
+        for deg in (0, 90, 180, 270):
+            write_image(tmp_path / spec / f"0_{deg:04d}.png")
+    write_image(tmp_path / "specB" / "0.5_0045.png")  # the azimuth grid: 0, 45, 90, 180, 270 (every class's)
+    dataset = MultiViewFolder(tmp_path, with_holdout(folder_cfg(tmp_path), every_k_azimuth=2))
+    assert dataset.labels[dataset.held_out].tolist() == [[c, 0, d] for c in (0, 1) for d in (0, 90, 270)]
+    assert dataset.holdout_indices.tolist() == dataset.held_out.nonzero().flatten().tolist()
+    assert dataset.holdout_record["azimuths_deg"] == {"0": [0, 90, 270]}
+    loader = build_loader(dataset, 2, MemoryConfig(loader_workers=0), torch.device("cpu"), seed=0)
+    assert {d for b in take(loader, 20) for d in b["label"][:, 2].tolist()} == {45, 180}
+    # a holdout that selects nothing, or all of a class, stops the training before it starts
+    nothing = MultiViewFolder(tmp_path, with_holdout(folder_cfg(tmp_path), every_k_azimuth=0,
+                                                     azimuth_ranges=["10-20"]))
+    with pytest.raises(DatasetError, match=r"data.holdout selects no view of .*azimuth_ranges=\['10-20'\]"):
+        build_loader(nothing, 2, MemoryConfig(loader_workers=0), torch.device("cpu"), seed=0)
+    everything = MultiViewFolder(tmp_path, with_holdout(folder_cfg(tmp_path), every_k_azimuth=0,
+                                                        azimuth_ranges=["0-360"], elevations=[0]))
+    with pytest.raises(DatasetError, match="holds out every view of class 'specA'"):
+        build_loader(everything, 2, MemoryConfig(loader_workers=0), torch.device("cpu"), seed=0)
 
 
 def test_build_dataset_synthetic(tmp_path):

@@ -119,7 +119,7 @@ def test_eval_cli_on_a_smoke_checkpoint(smoke_run, capsys):
     for name, frames in (("rotation.gif", 4), ("elevation.gif", 3), ("rotation_depth.gif", 4)):
         with Image.open(out / name) as gif:
             assert gif.format == "GIF" and gif.n_frames == frames, name
-    num_classes = torch.load(ckpt, map_location="cpu", weights_only=False)["num_classes"]
+    num_classes = torch.load(ckpt, map_location="cpu", weights_only=True)["num_classes"]
     size = load_config(["+exp=smoke"]).data.image_size
     with Image.open(out / "grid.png") as grid:  # 4 azimuths x classes of 2x upscaled images, 2px padding
         width, height = 4 * (2 * size + 2) + 2, num_classes * (2 * size + 2) + 2
@@ -132,8 +132,21 @@ def test_eval_cli_on_a_smoke_checkpoint(smoke_run, capsys):
     assert metrics["num_samples"] == 16
     assert all(math.isfinite(metrics[k]) for k in ("fid_rf", "kid_rf_mean", "kid_rf_std"))
     assert "fid" not in metrics  # a random-feature FID is never called plain fid
-    for path in ("metrics.json", "rotation.gif", "elevation.gif", "grid.png"):
+    for path in ("metrics.json", "views.png", "rotation.gif", "elevation.gif", "grid.png"):
         assert str(out / path) in result.out  # printed paths
+
+    # the pose-matched scores on the views the training held out (the smoke set's 0 degree azimuth)
+    held = metrics["view_holdout"]
+    assert held["views"] == 8 and held["azimuths_deg"] == {p: [0] for p in ("0", "0.5", "1", "1.5")}
+    assert held["codes"] == 4 and held["foreground"] == {"background": [0.0, 0.0, 0.0], "tolerance": 0.05}
+    for key in ("view_psnr", "view_psnr_best", "view_ssim", "view_iou", "view_psnr/class0_column"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["view_psnr_best"] >= metrics["view_psnr"] and 0 <= metrics["view_iou"] <= 1
+    assert f"view_psnr {metrics['view_psnr']:.2f} dB" in result.out
+    with Image.open(out / "views.png") as views:  # per class: reals, best code, another code
+        assert views.size[1] == num_classes * (3 * (2 * size + 2) + 2 + 16 + 4)
+    training = json.loads((ckpt.parent / "metrics.json").read_text())["eval"]
+    assert training["view_psnr"] == pytest.approx(metrics["view_psnr"], abs=1e-4)  # the same views, codes, model
 
     # logged as a child run of the training run; the training run's own record is untouched
     from mlflow.tracking import MlflowClient
@@ -142,6 +155,8 @@ def test_eval_cli_on_a_smoke_checkpoint(smoke_run, capsys):
     run_id = metrics["mlflow_run_id"]
     assert run_id
     before = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in ("eval/fid_rf",)}
+    for key in ("eval/view_psnr", "eval/view_ssim", "eval/view_iou"):  # the training run's own evaluation
+        assert [m.value for m in client.get_metric_history(run_id, key)] == [pytest.approx(training[key[5:]])]
     children = client.search_runs([client.get_run(run_id).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
     assert len(children) == 1
@@ -149,8 +164,11 @@ def test_eval_cli_on_a_smoke_checkpoint(smoke_run, capsys):
     assert child.data.metrics["eval/fid_rf"] == pytest.approx(metrics["fid_rf"])
     assert client.get_metric_history(child.info.run_id, "eval/fid_rf")[0].step == metrics["iteration"]
     assert child.data.tags["fid_extractor"] == "random-features"
+    assert child.data.metrics["eval/view_psnr"] == pytest.approx(metrics["view_psnr"])
+    # per class as the training run logs it: a chart group per score after eval/, mem/, perf/, train/
+    assert child.data.metrics["view_iou/class1_block"] == pytest.approx(metrics["view_iou/class1_block"])
     logged = {a.path for a in client.list_artifacts(child.info.run_id)}
-    assert {"metrics.json", "rotation.gif", "elevation.gif", "grid.png"} <= logged
+    assert {"metrics.json", "views.png", "rotation.gif", "elevation.gif", "grid.png"} <= logged
     assert {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in before} == before
 
 
@@ -189,4 +207,43 @@ def test_run_id_finds_the_checkpoint_and_checks_its_owner(smoke_run, tmp_path):
 def torch_load(path):
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_empty_renders_missing_mp4_and_depth_bar_are_said(caplog, tmp_path, monkeypatch):
+    """What the evaluation media tell a user: an all-background render is called empty (an early
+    checkpoint, not a broken file), a missing imageio-ffmpeg is named instead of silently writing
+    no MP4, and depth grids carry a bar that says which shade is near, far or no hit."""
+    import builtins
+
+    import numpy as np
+    import torch
+
+    from grafccsr.evaluation import media
+    from grafccsr.imaging import with_depth_bar
+
+    cfg = load_config(["+exp=smoke", "tracking=none"])
+    with caplog.at_level("WARNING", logger="grafccsr.eval"):
+        assert media.warn_if_empty(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), cfg, "grid")
+        assert not media.warn_if_empty(torch.full((2, 3, 8, 8), 90, dtype=torch.uint8), cfg, "grid")
+    assert [r.getMessage() for r in caplog.records].count(
+        "the grid renders are empty: every pixel is the background (the generator renders no object from these "
+        "poses yet)") == 1
+    real_import = builtins.__import__
+
+    def no_ffmpeg(name, *args, **kwargs):
+        if name.startswith("imageio"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ffmpeg)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="grafccsr.eval"):
+        files = media.write_video(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), 2, 2, tmp_path / "rotation", 10, 1)
+    assert [f.name for f in files] == ["rotation.gif"]
+    assert "no rotation.mp4: imageio-ffmpeg is not installed" in caplog.text
+    grid = np.zeros((40, 200, 3), dtype=np.uint8)
+    bar = with_depth_bar(grid, 1.5, 4.5)
+    assert bar.shape[0] > grid.shape[0] and bar.shape[1] == 200
+    strip = bar[grid.shape[0] + 5, 30:190, 0].astype(int)
+    assert strip[0] < 60 and strip[-1] > 240 and (np.diff(strip) >= 0).all()  # far dark -> near bright

@@ -416,3 +416,10 @@ def test_random_feature_fid_ranks_degraded_reals():
     half = torch.randperm(len(reals), generator=torch.Generator().manual_seed(0))
     split = numpy_fid(real_features[half[: len(half) // 2]], real_features[half[len(half) // 2:]])
     assert split < min(blurred[0], noisy[0]), (split, blurred, noisy)
+
+
+def test_num_samples_alone_derives_the_kid_subset():
+    """eval.num_samples=64 alone is enough: the KID subset size follows it (min(100, num_samples))."""
+    assert load_config(["eval.num_samples=64"]).eval.kid_subset == 64
+    assert load_config([]).eval.kid_subset == 100
+    assert load_config(["eval.num_samples=64", "eval.kid_subset_size=32"]).eval.kid_subset == 32

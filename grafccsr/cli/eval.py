@@ -1,6 +1,7 @@
 """``python -m grafccsr.eval (--ckpt PATH | --run-id ID) [flags] [key=value ...]``.
 
-Evaluate a training checkpoint (its EMA generator, else the raw one): FID/KID, a 360-degree
+Evaluate a training checkpoint (its EMA generator, else the raw one): FID/KID, the pose-matched
+PSNR/SSIM/silhouette IoU on the views its training held out (``data.holdout``), a 360-degree
 rotation, an elevation sweep and a labelled multi-view grid per class, written to one folder
 (default ``<checkpoint folder>/eval-<timestamp>/``) and logged as an MLflow child run of the
 checkpoint's training run. The model and data config come from the checkpoint;
@@ -24,7 +25,8 @@ EPILOG = """examples:
   python -m grafccsr.eval --run-id 0123abcd --best eval.num_samples=1000
   python -m grafccsr.eval --ckpt runs/x/checkpoint.pt --what metrics eval.extractor=inception-v3-compat \\
       eval.weights_path=/path/weights-inception-2015-12-05-6726825d.pth
-outputs: metrics.json, rotation.gif (.mp4 with imageio-ffmpeg), elevation.gif, grid.png
+outputs: metrics.json, views.png (held-out views beside renders at their poses, with data.holdout),
+rotation.gif (.mp4 with imageio-ffmpeg), elevation.gif, grid.png
 (+ depth_grid.png, rotation_depth.gif with --depth)"""
 
 
@@ -74,6 +76,21 @@ def _override(overrides: List[str], key: str) -> Optional[str]:
     return values[-1] if values else None
 
 
+def _log_view_metrics(uri: str, run_id: str, iteration: int, metrics: dict) -> None:
+    """The ``view_*`` metrics of the evaluation's child run, named as the training run names them
+    (``eval/view_psnr``, ``view_psnr/<class>``; log_evaluation logs the FID/KID keys only)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from grafccsr.metrics.keys import logged_view_key
+
+    now = int(time.time() * 1000)
+    values = [Metric(logged_view_key(k), float(v), now, iteration) for k, v in metrics.items()
+              if k.startswith("view_") and isinstance(v, float)]
+    if values:
+        MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=values, synchronous=True)
+
+
 @guarded(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     from grafccsr.evaluation import evaluate, find_run_checkpoint, load_eval_model
@@ -102,6 +119,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{metric_key('fid', ext)} {metrics[metric_key('fid', ext)]:.4f}  "
               f"{metric_key('kid_mean', ext)} {metrics[metric_key('kid_mean', ext)]:.5f} "
               f"+- {metrics[metric_key('kid_std', ext)]:.5f}  ({ext}, {metrics['num_samples']} fakes)")
+        if "view_psnr" in metrics:
+            held = metrics["view_holdout"]
+            print(f"held-out views: view_psnr {metrics['view_psnr']:.2f} dB (best code {metrics['view_psnr_best']:.2f})"
+                  f"  view_ssim {metrics['view_ssim']:.3f}  view_iou {metrics['view_iou']:.3f}  "
+                  f"({held['views']} views x {held['codes']} codes)")
     for file in files:
         print(file)
     if model.run_id and model.cfg.tracking.backend == "mlflow":
@@ -110,6 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from grafccsr.tracking.mlflow import log_evaluation  # imports mlflow
 
         child, url = log_evaluation(uri, model.run_id, name, model.iteration, metrics, files, EXTRACTOR_TAG)
+        if metrics is not None:
+            _log_view_metrics(uri, child, model.iteration, metrics)
         print(f"logged as MLflow run {child} (child of {model.run_id}): {url}", file=sys.stderr)
     else:
         reason = "tracking.backend=none" if model.run_id else "the checkpoint has no MLflow run"

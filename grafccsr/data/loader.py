@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from grafccsr.config import MemoryConfig
+from grafccsr.data.folder import MultiViewFolder
+from grafccsr.data.holdout import check_split
 
 MAX_LOADER_WORKERS = 4
 """Guide item 2: more workers only cost memory for a dataset held in RAM."""
@@ -70,10 +72,17 @@ def build_loader(
     ``world_size * batch_size``) whose first batch is batch ``start_batch`` of the seeded
     stream (for exact resumption).
 
+    A :class:`MultiViewFolder`'s held-out views (``data.holdout``) are never drawn: the stream
+    indexes the views training may see (all of them without a holdout, the same stream as before).
+
     Workers: ``min(memory.loader_workers, 4)``; ``prefetch_factor`` and
     ``persistent_workers`` only with workers (DataLoader rejects them otherwise);
     pinned host memory only for CUDA, where it makes ``non_blocking`` copies real.
     """
+    if isinstance(dataset, MultiViewFolder):
+        check_split(dataset)
+        if dataset.held_out.any():
+            dataset = Subset(dataset, dataset.train_indices.tolist())
     workers = min(memory.loader_workers, MAX_LOADER_WORKERS)
     worker_options = (
         {"prefetch_factor": memory.prefetch_factor, "persistent_workers": memory.persistent_workers}

@@ -3,6 +3,7 @@ multi-view grid per class, as upscaled, labelled GIF/MP4/PNG files."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -11,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from grafccsr.evaluation.checkpoint import EvalModel
-from grafccsr.imaging import image_grid, labelled_grid, save_gif, save_mp4, save_png, to_uint8, upscale_nearest
+from grafccsr.imaging import (image_grid, labelled_grid, save_gif, save_mp4, save_png, to_uint8, upscale_nearest,
+                              with_depth_bar)
 from grafccsr.models import RenderSettings, render_views
+
+log = logging.getLogger("grafccsr.eval")
 
 
 def depth_to_uint8(depth: torch.Tensor, near: float, far: float, size: int) -> torch.Tensor:
@@ -50,6 +54,7 @@ def render_poses(model: EvalModel, z: torch.Tensor, class_idx: torch.Tensor, u: 
             if dep is not None:
                 dep[sl] = depth_to_uint8(depths.cpu(), cfg.camera.near, cfg.camera.far, resolution)
             bar.update(sl.stop - sl.start)
+    warn_if_empty(rgb, cfg, desc)
     return rgb, dep
 
 
@@ -80,7 +85,24 @@ def write_video(images: torch.Tensor, frames: int, per_frame: int, path: Path, f
     tiles = _frames(images, frames, per_frame, scale)
     files = [save_gif(tiles, path.with_suffix(".gif"), fps)]
     mp4 = save_mp4(tiles, path.with_suffix(".mp4"), fps)
+    if mp4 is None:
+        log.warning("no %s.mp4: imageio-ffmpeg is not installed (pip install imageio imageio-ffmpeg); "
+                    "the GIF has the same frames", path.name)
     return files + ([mp4] if mp4 else [])
+
+
+def warn_if_empty(rgb: torch.Tensor, cfg, what: str) -> bool:
+    """Warn (one line) when every pixel of the uint8 renders ``rgb`` (N, 3, R, R) is the
+    renderer's background (black, or white with ``model.render.white_background``) within
+    ``data.foreground_tolerance``: the generator renders nothing there yet (an early checkpoint),
+    not a broken file. True when empty."""
+    background = 255 if cfg.model.render.white_background else 0
+    tolerance = max(1, round(255 * cfg.data.foreground_tolerance))
+    empty = bool(((rgb.int() - background).abs() <= tolerance).all())
+    if empty:
+        log.warning("the %s renders are empty: every pixel is the background (the generator renders no object "
+                    "from these poses yet)", what)
+    return empty
 
 
 def rotation(model: EvalModel, out_dir: Path, *, frames: int, elevation_v: float, depth: bool, fps: int, scale: int,
@@ -129,9 +151,11 @@ def view_grid(model: EvalModel, out_dir: Path, *, views: int, elevation_v: float
     for name, images in (("grid.png", rgb), ("depth_grid.png", dep)):
         if images is None:
             continue
-        grid = image_grid(upscale_nearest(images, scale), views)
-        files.append(save_png(labelled_grid(grid, _labels(model.class_names), azimuths, resolution * scale),
-                              out_dir / name))
+        grid = labelled_grid(image_grid(upscale_nearest(images, scale), views), _labels(model.class_names), azimuths,
+                             resolution * scale)
+        if name == "depth_grid.png":
+            grid = with_depth_bar(grid, model.cfg.camera.near, model.cfg.camera.far)
+        files.append(save_png(grid, out_dir / name))
     return files
 
 

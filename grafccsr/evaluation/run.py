@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: FID/KID, media, and an MLflow child run of its training run.
+"""Evaluate a checkpoint: FID/KID, pose-matched metrics on held-out views, media, and an MLflow
+child run of its training run.
 
 Results never overwrite the training run's record: they go to a child run named after the
 checkpoint's iteration (``eval/<metric>`` at that step, the media as its artifacts).
@@ -18,6 +19,7 @@ from grafccsr.evaluation.checkpoint import EvalModel
 from grafccsr.data import build_dataset
 from grafccsr.metrics import evaluate_generator, keyed
 from grafccsr.metrics.fidelity import eval_resolution, inception_weights_path
+from grafccsr.metrics.views import evaluate_views, save_views_grid
 from grafccsr.training.checkpoint import CheckpointError
 
 log = logging.getLogger("grafccsr.eval")
@@ -48,15 +50,23 @@ class EvalOptions:
     """Seed of the latent codes and of the FID/KID poses."""
 
 
-def compute_metrics(model: EvalModel, seed: int) -> Dict[str, Any]:
-    """FID/KID of the model against its dataset (keys carry the extractor, :func:`keyed`)."""
+def compute_metrics(model: EvalModel, seed: int, views_png: Optional[Path] = None) -> Dict[str, Any]:
+    """FID/KID of the model against its dataset (keys carry the extractor, :func:`keyed`) and, with
+    held-out views (``data.holdout``), the pose-matched ``view_*`` metrics on them (their grid
+    written to ``views_png`` when given)."""
     cfg = model.cfg
     dataset = build_dataset(cfg.data, cfg.camera)
     if dataset.num_classes != model.num_classes:
         raise CheckpointError(f"the dataset has {dataset.num_classes} classes, the checkpoint {model.num_classes}")
     start = time.perf_counter()
     result = evaluate_generator(model.generator, dataset, cfg, model.device, seed=seed, progress=True)
-    return {**keyed(result), "seconds": round(time.perf_counter() - start, 3), "iteration": model.iteration,
+    views = evaluate_views(model.generator, dataset, cfg, model.device, seed=seed, progress=True)
+    extra: Dict[str, Any] = {}
+    if views is not None:
+        extra = {**views.metrics, "view_holdout": views.record}
+        if views_png is not None:
+            extra["views_png"] = str(save_views_grid(views, views_png))
+    return {**keyed(result), **extra, "seconds": round(time.perf_counter() - start, 3), "iteration": model.iteration,
             "checkpoint": str(model.path.resolve()), "model": model.source, "seed": seed,
             "mlflow_run_id": model.run_id, "kid_subsets_requested": cfg.eval.kid_subsets,
             "note": "random-features: seeded random CNN features, NOT comparable with published (Inception) FIDs"
@@ -73,10 +83,12 @@ def evaluate(model: EvalModel, out_dir: Path, opts: EvalOptions) -> Tuple[List[P
     files: List[Path] = []
     metrics = None
     if "metrics" in opts.what:
-        metrics = compute_metrics(model, opts.seed)
+        metrics = compute_metrics(model, opts.seed, views_png=out_dir / "views.png")
         path = out_dir / "metrics.json"
         path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
         files.append(path)
+        if "views_png" in metrics:
+            files.append(Path(metrics["views_png"]))
     common = dict(scale=opts.scale, seed=opts.seed, resolution=resolution)
     if "rotation" in opts.what:
         files += media.rotation(model, out_dir, frames=opts.frames, elevation_v=opts.elevation_v, depth=opts.depth,

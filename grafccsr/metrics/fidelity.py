@@ -360,7 +360,7 @@ def evaluate_generator(
             fakes,
             extractor=ev.extractor,
             weights_path=ev.weights_path,
-            kid_subset_size=ev.kid_subset_size,
+            kid_subset_size=ev.kid_subset,
             kid_subsets=ev.kid_subsets,
             batch_size=ev.batch_size,
             device=device,
