@@ -2,11 +2,13 @@
 
 Trains each recipe for the same wall-clock budget on the same device, saves snapshots at
 fixed fractions of that budget, then evaluates every snapshot with the same extractor and
-sample count, for several seeds. Writes ``reports/quality/``: ``quality.json`` (every
-number), ``table.md`` (final FID/KID mean +- std per recipe, the targets), ``curves.png``
-(FID and KID against training seconds, mean and min-max band over seeds) and
-``samples.png`` (each recipe's final generator at the same poses and latent codes, beside
-the real images), and logs them as one MLflow run.
+sample count, for several seeds. Every run holds out the same views (``data.holdout``), and
+every snapshot is also scored against them, pose by pose (held-out PSNR, SSIM and silhouette
+IoU, :mod:`grafccsr.metrics.views`). Writes ``reports/quality/``: ``quality.json`` (every
+number), ``table.md`` (final FID/KID and held-out PSNR/SSIM/IoU mean +- std per recipe, the
+targets), ``curves.png`` (FID and KID against training seconds, mean and min-max band over
+seeds) and ``samples.png`` (each recipe's final generator at the poses of held-out views,
+with the same latent codes, below those real views), and logs them as one MLflow run.
 
 Training runs one at a time with all cores; evaluation starts only when every training
 has finished, so the two never compete for the CPU. Training time is the trainer's own
@@ -29,22 +31,51 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from grafccsr.metrics.keys import METRIC_NAMES, RANDOM_FEATURES, metric_key  # noqa: E402
-from grafccsr.paths import PROJECT_ROOT  # noqa: E402
+from grafccsr.metrics.keys import (METRIC_NAMES, RANDOM_FEATURES, VIEW_COLUMNS, VIEW_METRICS,  # noqa: E402
+                                   metric_key)
+from grafccsr.paths import PROJECT_ROOT, program_name  # noqa: E402
+
+SCALED = ("model=small", "model.field.z_shape_dim=64", "model.field.z_appearance_dim=0", "model.ccsr.lr_size=4",
+          "model.ccsr.code_resolution=16", "model.discriminator.max_channels=64")
+"""graf_ccsr's presets at model=small, every size in graf_ccsr's proportion to the data (see ``faithful``)."""
+FINE = ("model.render.samples_per_ray=24", "model.render.importance_samples=24")
+"""The fine network's passes at model=small: 24 stratified + 24 importance samples (upstream: 64 + 64)."""
 
 RECIPES: Dict[str, tuple] = {
     "default": ((), "the default job: model=small, 16^2 multi-scale patches of 64 px images, 24 samples/ray, "
-                    "R1 gamma 10 (GRAF units), EMA 0.99, spectral-norm InstanceNorm D"),
-    "faithful": (("+exp=graf_ccsr_original", "model=small", "model.field.z_shape_dim=64",
-                  "model.field.z_appearance_dim=0"),
-                 "graf_ccsr's choices on model=small: whole-image 16^2 point-sampled thumbnails, R1 gamma 80, "
-                 "its field (z x LayerNorm(class embedding) into the trunk, no appearance code), its D (BatchNorm "
-                 "after every conv, no spectral norm) and CCSR regulariser, no EMA, lr 6e-4/1e-4, none of the "
-                 "memory items"),
+                    "R1 gamma 10 (GRAF units), EMA 0.99, spectral-norm InstanceNorm D, CCSR (x2) as a regulariser"),
+    "faithful": (("+exp=graf_ccsr_original", *SCALED),
+                 "graf_ccsr's maths and choices on model=small, every size in graf_ccsr's proportion to the data: "
+                 "whole-image 16^2 point-sampled thumbnails of the 64 px images (graf_ccsr: 64^2 of 256^2), "
+                 "rays through pixel corners, R1 gamma 80, its field (z x LayerNorm(class embedding) into the "
+                 "trunk, the raw z at the skip, no appearance code), its D at 16^2 (the 32^2 branch without its "
+                 "first level: BatchNorm, no spectral norm, no biases, label head) at the default D's widths "
+                 "(32, 64), its CCSR regulariser in the G step only (16^2 patch -> 4^2 -> 16^2 codes -> 64^2 SR, "
+                 "i.e. patch / 4, patch, 4 x patch as at graf_ccsr's 64^2), no EMA, lr 6e-4/1e-4, the original's "
+                 "memory behaviour"),
+    "no_ccsr": (("model.ccsr.mode=off",), "the default job without CCSR (GRAF alone)"),
+    "ccsr_d": (("model.ccsr.mode=discriminator",),
+               "CCSR as the path to extra resolution: 16^2 renders super-resolved x2, D sees 32^2 patches (reals "
+               "at 32^2); evaluation renders 32^2 images and super-resolves them to 64^2"),
+    "fine_upstream": (("+exp=graf_ccsr_fine", *SCALED, *FINE),
+                      "graf_ccsr's newest upstream (e905243) scaled like faithful: a separate fine network, 24 + 24 "
+                      "samples; its coarse network never trains"),
+    "fine_ours": (("+exp=graf_ccsr_fine", *SCALED, *FINE, "model.render.coarse_loss=match_fine"),
+                  "fine_upstream with the coarse network trained towards the fine render (coarse_loss=match_fine)"),
     "old_r1": (("train.r1_gamma=1280",),
                "the default job with the pre-fix R1 weight (gamma/2 x per-image sum = 1280 in GRAF units at 16^2)"),
     "default_antialias": (("model.patch.antialias=true",),
                           "the default job with box-filtered (antialiased) real patches"),
+    "fast": (("+exp=fast",), "+exp=fast: the default job with the generator's own occupancy grid (64^3 cells per "
+                             "class over the cube every camera ray reaches) and 8 samples per ray in its occupied "
+                             "cells; no hand-set bound"),
+    "ball": (("model.render.bound_radius=0.4", "model.render.samples_per_ray=8"),
+             "the previous +exp=fast: rays clipped to a hand-set ball of radius 0.4, 8 samples there"),
+    "default_offset": (("data.synthetic.scene=offset",),
+                       "the default job on the off-centre scene set (a tall column beside a low block)"),
+    "fast_offset": (("+exp=fast", "data.synthetic.scene=offset"), "+exp=fast (the grid) on the off-centre scene set"),
+    "ball_offset": (("data.synthetic.scene=offset", "model.render.bound_radius=0.42", "model.render.samples_per_ray=8"),
+                    "the ball on the off-centre scene set: radius 0.42, the smallest holding every object"),
 }
 DEFAULT_RECIPES = ("default", "faithful", "old_r1")
 FRACTIONS = (0.1, 0.2, 0.4, 0.7, 1.0)
@@ -54,6 +85,11 @@ RUN_OVERRIDES = ("tracking=none", "train.max_iters=100000000", "train.sample_eve
                  "train.eval_every=0", "eval.at_end=false", "train.progress=false", "train.log_every=50",
                  "memory.track_peak_every=0", "train.device=cpu")
 """Every training run: no evaluation, samples or live-tensor tracking inside the timed budget."""
+HOLDOUT = ("data.holdout.every_k_azimuth=8", "data.holdout.azimuth_offset=0")
+"""Every run holds out the same views, every 8th azimuth (72 of the embedded set's 576 views), for
+the held-out columns; given before a recipe's own overrides, so that a recipe may change them."""
+VIEW_CODES = 4
+"""Latent codes rendered at each held-out view."""
 
 
 @dataclass
@@ -65,11 +101,12 @@ class Run:
     iterations: int = 0
     exit_code: Optional[int] = None
     points: List[Dict] = field(default_factory=list)
-    """One per snapshot: fraction, train_seconds, iteration, fid_rf, kid_rf_mean, kid_rf_std."""
+    """One per snapshot: fraction, train_seconds, iteration, fid_rf, kid_rf_mean, kid_rf_std, and
+    the held-out view_psnr, view_ssim, view_iou (and their _best)."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis.quality", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=program_name("python -m analysis.quality"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="recipes:\n" + "\n".join(f"  {k:<18} {d}" for k, (_, d) in RECIPES.items()))
     p.add_argument("--budget-min", type=float, default=40.0, help="whole benchmark, in minutes (default 40)")
@@ -97,7 +134,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def train_command(run: Run, extra: Sequence[str], seconds: float, fractions: Sequence[float]) -> List[str]:
     fractions_text = "[" + ",".join(str(f) for f in fractions) + "]"
-    return [sys.executable, "-m", "grafccsr.train", *extra, *RUN_OVERRIDES, f"train.seed={run.seed}",
+    return [sys.executable, "-m", "grafccsr.train", *HOLDOUT, *extra, *RUN_OVERRIDES, f"train.seed={run.seed}",
             f"train.time_budget_s={seconds}", "train.snapshots=1", f"train.snapshot_fractions={fractions_text}",
             f"hydra.run.dir={run.folder}"]
 
@@ -122,7 +159,7 @@ def train_all(runs: Sequence[Run], seconds: float, fractions: Sequence[float], t
 
 
 def _evaluate(task: tuple) -> Dict:
-    """One snapshot's FID/KID (runs in a worker process, one thread)."""
+    """One snapshot's FID/KID and held-out scores (runs in a worker process, one thread)."""
     import torch
 
     torch.set_num_threads(1)
@@ -134,12 +171,14 @@ def _evaluate(task: tuple) -> Dict:
     state = load_checkpoint(path)
     metrics = compute_metrics(load_eval_model(Path(path), overrides, state), seed=0)
     return {"train_seconds": state.get("train_seconds"), "iteration": state["iteration"],
-            **{k: metrics[k] for k in (metric_key(n, RANDOM_FEATURES) for n in METRIC_NAMES)}}
+            **{k: metrics[k] for k in (metric_key(n, RANDOM_FEATURES) for n in METRIC_NAMES)},
+            **{k: metrics.get(k, math.nan) for k in VIEW_COLUMNS}}
 
 
 def eval_overrides(samples: int) -> List[str]:
-    return [f"eval.num_samples={samples}", f"eval.kid_subset_size={min(100, samples)}", "eval.kid_subsets=50",
-            "eval.extractor=random-features", "eval.batch_size=32", "tracking.backend=none", "train.device=cpu"]
+    return [f"eval.num_samples={samples}", "eval.kid_subsets=50",
+            "eval.extractor=random-features", "eval.batch_size=32", f"eval.view_codes={VIEW_CODES}",
+            "tracking.backend=none", "train.device=cpu"]
 
 
 def evaluate_all(runs: Sequence[Run], fractions: Sequence[float], samples: int, workers: int) -> None:
@@ -190,7 +229,10 @@ def summarise(runs: Sequence[Run], recipes: Sequence[str], budget_s: float) -> D
         fid, fid_sd = _mean_std([p["fid_rf"] for p in finals])
         kid, kid_sd = _mean_std([p["kid_rf_mean"] for p in finals])
         its = [r.iterations for r in runs if r.recipe == recipe]
-        table[recipe] = {"fid_rf": fid, "fid_rf_std": fid_sd, "kid_rf": kid, "kid_rf_std": kid_sd,
+        views = {}
+        for key in VIEW_COLUMNS:  # held-out scores: NaN for a snapshot of a run without a holdout
+            views[key], views[f"{key}_std"] = _mean_std([p.get(key, math.nan) for p in finals])
+        table[recipe] = {"fid_rf": fid, "fid_rf_std": fid_sd, "kid_rf": kid, "kid_rf_std": kid_sd, **views,
                          "seeds": len(finals), "iterations": its, "curve_fid": curve(runs, recipe, "fid_rf"),
                          "curve_kid": curve(runs, recipe, "kid_rf_mean"), "description": RECIPES[recipe][1]}
     targets = {}
@@ -208,11 +250,17 @@ def table_markdown(summary: Dict, settings: Dict) -> str:
     lines = [f"Time-to-quality benchmark: {settings['train_seconds']:.0f} s of training per run on {settings['device']}, "
              f"{settings['seeds']} seeds, FID/KID with the random-feature extractor on {settings['eval_samples']} "
              f"fakes per snapshot (`{settings['command']}`).", "",
-             "| recipe | final FID_rf (mean ± std) | final KID_rf (mean ± std) | iterations per seed | what |",
-             "|---|---|---|---|---|"]
+             "| recipe | final FID_rf (mean ± std) | final KID_rf (mean ± std) | held-out PSNR dB | held-out SSIM "
+             "| held-out IoU | iterations per seed | what |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in summary["recipes"].items():
+        held = " | ".join(f"{row[k]:{f}} ± {row[k + '_std']:.2g}" for k, f in zip(VIEW_METRICS, (".2f", ".3f", ".3f")))
         lines.append(f"| {name} | {row['fid_rf']:.4g} ± {row['fid_rf_std']:.2g} | {row['kid_rf']:.3g} ± "
-                     f"{row['kid_rf_std']:.2g} | {', '.join(map(str, row['iterations']))} | {row['description']} |")
+                     f"{row['kid_rf_std']:.2g} | {held} | {', '.join(map(str, row['iterations']))} | "
+                     f"{row['description']} |")
+    lines += ["", f"Held-out: the final generator rendered at the pose of each view that no run trained on "
+              f"(`{' '.join(HOLDOUT)}`), mean over {VIEW_CODES} latent codes, against that view; IoU of the "
+              "rendered opacity > 0.5 with the real view's non-background pixels; higher is better."]
     t = summary["targets"]
     if t:
         frac = t["time_to_faithful_final_fraction"]
@@ -252,9 +300,22 @@ def plot_curves(summary: Dict, path: Path) -> Path:
     return path
 
 
+def shown_azimuths(data, views: int) -> List[int]:
+    """The azimuths (degrees) of the samples figure: at the first elevation, the held-out ones
+    (``data.holdout``; at most ``views``, evenly spaced), else ``views`` evenly spaced ones."""
+    at_first = data.labels[:, 1] == 0
+    held = sorted(set(data.labels[at_first & data.held_out, 2].tolist()))
+    if not held:
+        return [round(360 * i / views) for i in range(views)]
+    if len(held) <= views:
+        return held
+    return [held[round(i * (len(held) - 1) / (views - 1))] for i in range(views)]
+
+
 def sample_grid(runs: Sequence[Run], recipes: Sequence[str], path: Path, views: int = 8) -> Optional[Path]:
-    """Rows: the real images, then every recipe's final generator (seed 0), per class; same
-    poses (first elevation, ``views`` azimuths) and the same latent code per class."""
+    """Rows: the real held-out views (no run trained on them), then every recipe's final generator
+    (seed 0), per class; same poses (first elevation, the held-out azimuths) and the same latent
+    code per class."""
     import torch
 
     from grafccsr.data import build_dataset
@@ -263,7 +324,7 @@ def sample_grid(runs: Sequence[Run], recipes: Sequence[str], path: Path, views: 
     from grafccsr.models import RenderSettings, render_views
 
     rows, labels = [], []
-    reals = None
+    azimuths: List[int] = []
     for recipe in recipes:
         run = next((r for r in runs if r.recipe == recipe and r.seed == 0 and r.points), None)
         if run is None:
@@ -271,27 +332,29 @@ def sample_grid(runs: Sequence[Run], recipes: Sequence[str], path: Path, views: 
         last = max(k for k, _ in enumerate(run.points))
         model = load_eval_model(run.folder / "snapshots" / f"{last}.pt", ["tracking.backend=none", "train.device=cpu"])
         cfg, k = model.cfg, model.num_classes
-        u = (torch.arange(views, dtype=torch.float32) / views).repeat(k)
-        v = torch.full_like(u, cfg.data.elevation_v[0])
-        cls = torch.arange(k).repeat_interleave(views)
-        z = model.generator.sample_z(k, "cpu", generator=torch.Generator().manual_seed(0)).repeat_interleave(views, 0)
-        with torch.no_grad():
-            images = render_views(model.generator, RenderSettings.from_config(cfg), z, cls, u, v,
-                                  image_size=cfg.data.image_size, batch_size=32)
-        if reals is None:
+        if not rows:
             data = build_dataset(cfg.data, cfg.camera)
-            picks = [int(((data.labels[:, 0] == c) & (data.labels[:, 1] == 0) &
-                          (data.labels[:, 2] == round(360 * i / views))).nonzero()[0]) for c in range(k) for i in range(views)]
-            reals = data.images[picks]
-            rows.append(reals)
-            labels += [f"real {name}"[:18] for name in data.class_names]
+            azimuths = shown_azimuths(data, views)
+            at = [(data.labels[:, 0] == c) & (data.labels[:, 1] == 0) & (data.labels[:, 2] == a)
+                  for c in range(k) for a in azimuths]
+            picks = [int(mask.nonzero()[0]) for mask in at]
+            held = bool(data.held_out[picks].all())
+            rows.append(data.images[picks])
+            labels += [f"{'held-out' if held else 'real'} {name}"[:18] for name in data.class_names]
+        u = (torch.tensor(azimuths, dtype=torch.float32) / 360).repeat(k)
+        v = torch.full_like(u, cfg.data.elevation_v[0])
+        cls = torch.arange(k).repeat_interleave(len(azimuths))
+        z = model.generator.sample_z(k, "cpu", generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            images = render_views(model.generator, RenderSettings.from_config(cfg),
+                                  z.repeat_interleave(len(azimuths), 0), cls, u, v, image_size=cfg.data.image_size,
+                                  batch_size=32)
         rows.append(to_uint8(images))
         labels += [f"{recipe} c{c}"[:18] for c in range(k)]
     if not rows:
         return None
-    grid = image_grid(upscale_nearest(torch.cat(rows), 2), views)
-    azimuths = [f"{round(360 * i / views)}°" for i in range(views)]
-    return save_png(labelled_grid(grid, labels, azimuths, cell=rows[0].shape[-1] * 2), path)
+    grid = image_grid(upscale_nearest(torch.cat(rows), 2), len(azimuths))
+    return save_png(labelled_grid(grid, labels, [f"{a}°" for a in azimuths], cell=rows[0].shape[-1] * 2), path)
 
 
 # ----------------------------------------------------------------------------- MLflow
@@ -313,7 +376,7 @@ def log_mlflow(uri: Optional[str], experiment: str, summary: Dict, settings: Dic
     for key, value in settings.items():
         client.log_param(run_id, key, str(value)[:500])
     for name, row in summary["recipes"].items():
-        for metric in ("fid_rf", "fid_rf_std", "kid_rf", "kid_rf_std"):
+        for metric in ("fid_rf", "fid_rf_std", "kid_rf", "kid_rf_std", *VIEW_COLUMNS):
             if math.isfinite(row[metric]):
                 client.log_metric(run_id, f"{name}/{metric}", row[metric])
     for key, value in summary["targets"].items():
@@ -357,6 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evaluate_all(runs, fractions, args.eval_samples, args.workers)
     summary = summarise(runs, recipes, budget_s)
     settings = {"train_seconds": seconds, "seeds": args.seeds, "eval_samples": args.eval_samples,
+                "holdout": " ".join(HOLDOUT), "view_codes": VIEW_CODES,
                 "fractions": fractions, "device": "cpu", "cpu_count": os.cpu_count(),
                 "command": "python -m analysis.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "training_wall_s": round(trained - start, 1)}

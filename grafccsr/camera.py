@@ -59,22 +59,35 @@ def focal_length(image_size: int, fov_deg: float) -> float:
     return 0.5 * image_size / math.tan(0.5 * math.radians(fov_deg))
 
 
-def rays_from_grid(c2w: torch.Tensor, grid: torch.Tensor, fov_deg: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rays_from_grid(c2w: torch.Tensor, grid: torch.Tensor, fov_deg: float, shift: float = 0.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rays through normalised image points.
 
     c2w: (B, 4, 4); grid: (B, H, W, 2) points in [-1, 1] (x right, y down).
+    ``shift`` moves every point by -shift on both axes first: 0 casts rays through the points
+    themselves (a pixel-centre grid gives pixel-centre rays); 1 / W casts them half a pixel of a
+    W-pixel image up and left, through the pixels' corners, GRAF's and NeRF's convention
+    (direction x = (i - W/2) / f for pixel column i) (:func:`corner_shift`).
     Returns origins and directions (B, H*W, 3). Directions are not normalised:
     their camera-space z is -1, so a ray parameter t is depth along the optical axis.
     """
     tan_half = math.tan(0.5 * math.radians(fov_deg))
     b = grid.shape[0]
     flat = grid.reshape(b, -1, 2)
+    if shift:
+        flat = flat - shift
     dirs_cam = torch.stack(
         (flat[..., 0] * tan_half, -flat[..., 1] * tan_half, -torch.ones_like(flat[..., 0])), dim=-1
     )
     directions = dirs_cam @ c2w[:, :3, :3].transpose(1, 2)
     origins = c2w[:, None, :3, 3].expand_as(directions)
     return origins, directions
+
+
+def corner_shift(image_size: int) -> float:
+    """The :func:`rays_from_grid` shift that moves pixel-centre rays of a ``image_size``-pixel
+    image to the pixels' corners: half a pixel, 1 / W in normalised units."""
+    return 1.0 / image_size
 
 
 def full_grid(size: int, batch: int = 1, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -22,8 +22,11 @@ from grafccsr.services.local import free_port
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 EXACT = ["+exp=smoke", "tracking=none", "train.batch_size=4", "model.render.perturb=false",
-         "model.render.density_noise_std=0"]
-"""No render jitter: one process and two ranks then draw the same random numbers."""
+         "model.render.density_noise_std=0", "model.ccsr.mode=off"]
+"""No render jitter: one process and two ranks then draw the same random numbers. CCSR only where a
+case names its mode: with the regulariser, accumulation alone (one process) already moves a few
+near-zero gradients of the field's feature layer by 1e-7 (relative 1e-5), which RMSprop's first
+steps (nearly lr x sign) turn into 6e-3 parameter differences."""
 
 
 def _train_steps(rank: int, world: int, overrides, iterations: int, out: str, port: int) -> None:
@@ -114,17 +117,17 @@ def test_torchrun_smoke_run_logs_once_and_resumes(tmp_path):
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["status"] == "FINISHED" and summary["iteration"] == 3
     runs = _runs(uri)
-    assert len(runs) == 1 and runs[0].data.metrics["dist/world_size"] == 2
-    assert runs[0].data.metrics["train/global_batch"] == 4
+    assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
+    assert runs[0].data.params["train.batch_size"] == "4"  # the global batch
     assert [p for p in tmp_path.rglob("metrics.json") if "mlartifacts" not in p.parts] == [run_dir / "metrics.json"]
-    assert len(torch.load(run_dir / "checkpoint.pt", weights_only=False)["ranks"]) == 2
+    assert len(torch.load(run_dir / "checkpoint.pt", weights_only=True)["ranks"]) == 2
     resumed = _torchrun(tmp_path, f"resume={run_dir}", "train.max_iters=5")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["iteration"] == 5
     assert len(_runs(uri)) == 1
 
 
-@pytest.mark.parametrize("fault, reason", [("oom@2:rank1", "oom"), ("error@2:rank1", "error")])
+@pytest.mark.parametrize("fault, reason", [("oom@2:rank1", "oom"), pytest.param("error@2:rank1", "error", marks=pytest.mark.slow)])
 def test_a_failing_rank_ends_every_rank_alike(tmp_path, fault, reason):
     """One rank fails at iteration 2: the job exits non-zero within seconds (torchrun exits 1
     when a worker fails) and rank 0 records FAILED with the same reason in metrics.json and
@@ -142,6 +145,7 @@ def test_a_failing_rank_ends_every_rank_alike(tmp_path, fault, reason):
     assert not list(run_dir.rglob("*.tmp"))
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_sigterm_to_torchrun_checkpoints_once_and_ends_killed(tmp_path):
     import signal
 
@@ -162,11 +166,12 @@ def test_sigterm_to_torchrun_checkpoints_once_and_ends_killed(tmp_path):
     proc.communicate(timeout=120)
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["status"] == "KILLED" and summary["reason"] == "interrupted", summary
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == summary["iteration"] > 0 and len(state["ranks"]) == 2
     assert [r.info.status for r in _runs(uri)] == ["KILLED"]
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_a_job_restarted_by_torchrun_resumes_from_its_checkpoint(tmp_path):
     """A rank killed for real (SIGKILL, as the OOM killer would) under ``--max-restarts=1``:
     torchrun restarts both ranks, which resume from the run folder's checkpoint in the same
@@ -217,5 +222,5 @@ def test_a_job_restarted_by_torchrun_resumes_from_its_checkpoint(tmp_path):
     assert summary["status"] == "KILLED" and summary["iteration"] >= 12, (summary, log[-3000:])
     runs = _runs(uri)
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == summary["iteration"] and len(state["ranks"]) == 2

@@ -16,7 +16,8 @@ from grafccsr.sizing.batch_finder import cached_estimate, find_max_batch, larges
 from grafccsr.sizing.calibrate import format_calibration, measure_real
 from grafccsr.sizing.estimate import CATEGORIES, CudaOverhead, estimate_peak_mb
 
-SMOKE = ["+exp=smoke", "tracking=none"]
+SMOKE = ["+exp=smoke", "tracking=none", "model.ccsr.mode=off"]
+"""Without CCSR, so that the render's activations set the peaks these tests reason about."""
 
 
 def _estimate(*overrides, render_phases=False):

@@ -12,8 +12,10 @@ count 0. Two details matter here:
   not in torch's table; it is counted here like ``addmm``.
 
 ``python -m grafccsr.bench.flops [overrides]`` counts one iteration of a config under
-FakeTensorMode: shapes only, seconds at any size (early ray termination then counts as the
-full render: its savings depend on values; the benchmark counts a real iteration).
+FakeTensorMode: shapes only, seconds at any size (early ray termination and the rays the
+occupancy grid skips then count as the full render: their savings depend on values; the
+benchmark counts a real iteration; the grid's own updates are counted as they run at the
+iteration counted, see :func:`grid_update_flops`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.utils import flop_counter
 
 from grafccsr.config import ConfigError, load_config
 from grafccsr.sizing.synthetic import default_num_classes, fake_run
+from grafccsr.training.compile import eager_fields
 
 
 
@@ -66,18 +69,32 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def iteration_flops(step, batch, iteration: int, check_finite: bool = True) -> int:
-    """FLOPs of one D step + G step of a :class:`~grafccsr.training.step.GanStep`. A compiled
-    field runs eager for the count (Inductor's kernels bypass the counter; same maths)."""
-    generator = step.generator
-    field = generator.field
-    compiled = hasattr(field, "_orig_mod")
-    if compiled:
-        generator.field = field._orig_mod
-    try:
+    """FLOPs of one D step + G step of a :class:`~grafccsr.training.step.GanStep`, plus the
+    occupancy grid's updates per iteration at ``iteration`` (:func:`grid_update_flops`). A
+    compiled field runs eager for the count (Inductor's kernels bypass the counter; same maths)."""
+    with eager_fields(step.generator):
         return count_flops(lambda: (step.d_step(batch, iteration, check_finite=check_finite),
-                                    step.g_step(batch, iteration, check_finite=check_finite)))
+                                    step.g_step(batch, iteration, check_finite=check_finite))) + \
+            grid_update_flops(step, iteration)
+
+
+def grid_update_flops(step, iteration: int) -> int:
+    """FLOPs per iteration of the generator's occupancy-grid updates (``model.occupancy``; 0
+    without): one update as it runs at ``iteration`` (every cell during the warm-up, then
+    2 x ``update_fraction`` of them: both counts are fixed, not data-dependent), per
+    ``update_every`` iterations. The grid is restored after the count."""
+    grid = step.generator.occupancy
+    if grid is None:
+        return 0
+    saved = [b.clone() for b in grid.buffers()]
+    try:
+        with eager_fields(step.generator):
+            flops = count_flops(lambda: step.generator.update_occupancy(iteration, step.render_settings,
+                                                                        step.cfg.train.seed))
     finally:
-        generator.field = field
+        for buffer, value in zip(grid.buffers(), saved):
+            buffer.copy_(value)
+    return flops // grid.cfg.update_every
 
 
 def fake_iteration_flops(cfg, num_classes: Optional[int] = None, iteration: int = 1) -> int:
@@ -101,6 +118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     flops = fake_iteration_flops(cfg)
     print(f"{flops / 1e12:.4f} TFLOP per D+G iteration (matmuls and convolutions; FakeTensorMode): "
           f"{' '.join(overrides) or 'default config'}")
+    occ = cfg.model.occupancy
+    if occ.enabled:  # iteration 1 is in the grid's warm-up unless it is shorter
+        after = fake_iteration_flops(cfg, iteration=max(1, occ.warmup_iters))
+        print(f"{after / 1e12:.4f} TFLOP per D+G iteration after the occupancy grid's warm-up "
+              f"(iteration {max(1, occ.warmup_iters)}: its updates evaluate 2 x {occ.update_fraction:g} of the cells)")
     return 0
 
 

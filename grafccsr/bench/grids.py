@@ -21,6 +21,11 @@ LEAN = ["memory=lean", *FUSED]
 BF16 = ["train.amp.policy=generator", "train.amp.dtype=bf16"]
 BOUND = ["model.render.bound_radius=0.37"]
 """Rays clipped to the ball holding every embedded object: the samples go where the object is."""
+GRID = ["model.occupancy.enabled=true"]
+"""The generator's occupancy grid (64^3 cells per class). The benchmark does not train, so every
+cell stays on (the warm-up state): these rows measure the grid's overhead (marching each ray
+through it, gathering the D step's rays) at its samples, not its savings, which depend on the
+trained field (the quality benchmark's ``fast`` recipe); the FLOP count adds its updates."""
 TERM = ["model.render.termination_transmittance=0.001"]
 """Early ray termination in renders without autograd (the D step's fakes): within 1e-3 of the
 full render. An untrained field is semi-transparent and rarely terminates: its savings show with
@@ -78,6 +83,8 @@ def _grid_default() -> Grid:
                 OURS + BOUND + ["model.render.samples_per_ray=16"], changes_maths=True),
             Row("ours_bound_term_s16", "ours_bound_s16 + early termination 1e-3 (misses skipped in the D step)",
                 OURS + BOUND + TERM + ["model.render.samples_per_ray=16"], changes_maths=True),
+            Row("ours_grid_s16", "ours + occupancy grid, every cell on (untrained: its overhead), 16 samples in it",
+                OURS + GRID + ["model.render.samples_per_ray=16"], changes_maths=True),
             Row("ours_is8_8", "ours + coarse-to-fine 8 + 8 importance samples instead of 32",
                 OURS + ["model.render.samples_per_ray=8", "model.render.importance_samples=8"], changes_maths=True),
             Row("default_cfg", "default train config (model=small)", ["tracking=none"],
@@ -111,6 +118,8 @@ def _grid_gpu() -> Grid:
                 OURS + BF16 + BOUND + ["model.render.samples_per_ray=16"], changes_maths=True),
             Row("ours_bf16_bound_term_s16", "ours_bf16_bound_s16 + early termination 1e-3",
                 OURS + BF16 + BOUND + TERM + ["model.render.samples_per_ray=16"], changes_maths=True),
+            Row("ours_bf16_grid_s16", "ours + bf16 + occupancy grid, every cell on (untrained: its overhead), "
+                "16 samples in it", OURS + BF16 + GRID + ["model.render.samples_per_ray=16"], changes_maths=True),
             Row("ours_bf16_is16_16", "ours + bf16 + coarse-to-fine 16 + 16 importance samples instead of 64",
                 OURS + BF16 + ["model.render.samples_per_ray=16", "model.render.importance_samples=16"],
                 changes_maths=True),

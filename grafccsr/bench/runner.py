@@ -19,6 +19,7 @@ from grafccsr.config import load_config
 from grafccsr.measure import PhaseMemory
 from grafccsr.sizing.synthetic import default_num_classes, synthetic_batch
 from grafccsr.training.build import build_run
+from grafccsr.training.compile import is_compiled, uncompile
 
 @dataclass
 class Result:
@@ -97,7 +98,7 @@ class RowRunner:
             torch.backends.cudnn.allow_tf32 = True
         self.cfg, self.device, self.result, self.clock = cfg, device, result, clock
         self.step = build_run(cfg, num_classes, device, seed=seed)
-        result.compiled = hasattr(self.step.generator.field, "_orig_mod")
+        result.compiled = is_compiled(self.step.generator)
         self.batch = synthetic_batch(cfg, num_classes, device, generator=torch.Generator(device).manual_seed(seed))
         self.iteration = 0
         self.last_s = math.nan
@@ -134,11 +135,10 @@ class RowRunner:
         except torch.OutOfMemoryError:
             raise
         except Exception as err:
-            field = self.step.generator.field
-            if not (self.result.compiled and hasattr(field, "_orig_mod")):
+            if not (self.result.compiled and is_compiled(self.step.generator)):
                 raise
             print(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eager", file=sys.stderr)
-            self.step.generator.field = field._orig_mod
+            uncompile(self.step.generator)
             self.result.compiled = False
             self.result.error = f"compile failed, eager: {type(err).__name__}"[:300]
             self.iterate(record=False)

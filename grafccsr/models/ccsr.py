@@ -29,14 +29,15 @@ def consistency_weight(cfg: CCSRConfig, iteration: int) -> float:
 
 
 def blur_kernel(cfg: CCSRConfig) -> torch.Tensor:
-    """Normalised 2D CEM blur kernel (k, k): box or Gaussian with ``cem_sigma``."""
+    """Normalised 2D CEM blur kernel (k, k): box or Gaussian with ``cem_sigma``, in float64 (each
+    use casts it to the image's dtype, so a float64 module blurs with exact weights)."""
     k = cfg.cem_kernel
     if cfg.cem_blur == "box":
-        return torch.full((k, k), 1.0 / (k * k), dtype=torch.float32)
+        return torch.full((k, k), 1.0 / (k * k), dtype=torch.float64)
     x = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
     g = torch.exp(-0.5 * (x / cfg.cem_sigma) ** 2)
     kernel = g[:, None] * g[None, :]
-    return (kernel / kernel.sum()).float()
+    return kernel / kernel.sum()
 
 
 def view_index(u: torch.Tensor, num_views: int) -> torch.Tensor:
@@ -51,8 +52,10 @@ def _box_or_gaussian(cfg: CCSRConfig) -> torch.Tensor:
     return kernel.expand(3, 1, *kernel.shape).clone()
 
 
-def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def _blur(x: torch.Tensor, kernel: torch.Tensor, padding: str) -> torch.Tensor:
     pad = kernel.shape[-1] // 2
+    if padding == "zeros":
+        return F.conv2d(x, kernel.to(x.dtype), padding=pad, groups=3)
     return F.conv2d(F.pad(x, (pad,) * 4, mode="replicate"), kernel.to(x.dtype), groups=3)
 
 
@@ -97,7 +100,7 @@ class CCSR(nn.Module):
 
     def degrade(self, hr: torch.Tensor) -> torch.Tensor:
         """The CEM's image model: blur (B, 3, sP, sP), then area-downsample by s -> (B, 3, P, P)."""
-        return F.avg_pool2d(_blur(hr, self.cem_kernel), self.scale)
+        return F.avg_pool2d(_blur(hr, self.cem_kernel, self.cfg.cem_padding), self.scale)
 
     def enforce_consistency(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         """One back-projection step: sr + w * upsample(lr - degrade(sr))."""
@@ -111,15 +114,17 @@ class GrafCCSR(nn.Module):
     """graf_ccsr's CCSR (``model.ccsr.variant=graf_ccsr``), regulariser only: its maths and cost.
 
     For each sample in turn (a Python loop over the batch, as the original ran it: batch-1
-    convolutions), with W = ``work_size`` (``code_resolution``; 64 in graf_ccsr) and
+    convolutions), with W = ``work_size`` (``code_resolution``; 64 in graf_ccsr, the patch side),
+    L = ``lr_size`` (0: the original's max(8, P // 4), 16 at its 64^2 patches) and
     s = ``cfg.scale`` (4):
 
-    1. shrink the (3, P, P) render to ``lr_size``^2 and upsample that to W^2 (bilinear);
+    1. shrink the (3, P, P) render to L^2 and upsample that to W^2 (bilinear);
     2. concatenate the sample's whole (3, W, W) view code (not sampled with the patch grid);
     3. ``num_layers`` 3x3 convs of ``hidden_channels`` at W^2 (LeakyReLU 0.2), a 3x3 conv to
        3 s^2 channels, PixelShuffle(s) -> (3, sW, sW), LeakyReLU 0.2, clamp to [-1, 1];
-    4. CEM: blur, bilinear downsample to W^2, residual against the W^2 input, bilinear
-       upsample of the residual added with ``cem_weight``;
+    4. CEM at sW: blur (``cem_padding``; the original's 3x3 box with zero padding), bilinear
+       resize to the low-resolution input's L^2, residual against that L^2 input, the residual
+       resized bilinearly to sW^2 and added with ``cem_weight``;
     5. bilinear resize back to P^2.
 
     The output is (B, 3, P, P): what the consistency loss compares with the (detached) render.
@@ -147,6 +152,10 @@ class GrafCCSR(nn.Module):
         """Azimuth bin (B,) int64 of poses u (B,)."""
         return view_index(u, self.num_views)
 
+    def lr_side(self, patch_side: int) -> int:
+        """L: ``cfg.lr_size``, or the original's max(8, P // 4) when it is 0."""
+        return self.cfg.lr_size or max(8, patch_side // 4)
+
     def forward(self, lr: torch.Tensor, view_idx: torch.Tensor, hr_grid: torch.Tensor | None = None) -> torch.Tensor:
         """lr (B, 3, P, P) in [-1, 1]; view_idx (B,) int64; ``hr_grid`` unused (the original's
         codes are whole images). Returns (B, 3, P, P)."""
@@ -155,23 +164,23 @@ class GrafCCSR(nn.Module):
 
     def _one(self, lr: torch.Tensor, view_idx: torch.Tensor, size) -> torch.Tensor:
         work = self.work_size
-        small = F.interpolate(lr, size=(self.cfg.lr_size,) * 2, mode="bilinear", align_corners=False)
+        small = F.interpolate(lr, size=(self.lr_side(size[-1]),) * 2, mode="bilinear", align_corners=False)
         upsampled = F.interpolate(small, size=(work, work), mode="bilinear", align_corners=False)
         code = self.codes.index_select(0, view_idx).to(lr.dtype)
         sr = self.sr_net(torch.cat([upsampled, code], dim=1))  # (1, 3, s W, s W)
         sr = F.leaky_relu(sr, 0.2).clamp(-1.0, 1.0)
-        sr = self.enforce_consistency(sr, upsampled)
+        sr = self.enforce_consistency(sr, small)
         return F.interpolate(sr, size=size, mode="bilinear", align_corners=False)
 
-    def degrade(self, hr: torch.Tensor) -> torch.Tensor:
-        """The CEM's image model here: blur, then bilinear downsample by s."""
-        blurred = _blur(hr, self.cem_kernel)
-        size = (hr.shape[-2] // self.scale, hr.shape[-1] // self.scale)
+    def degrade(self, hr: torch.Tensor, size) -> torch.Tensor:
+        """The CEM's image model here: blur, then bilinear resize to ``size`` (the LR input's)."""
+        blurred = _blur(hr, self.cem_kernel, self.cfg.cem_padding)
         return F.interpolate(blurred, size=size, mode="bilinear", align_corners=False)
 
     def enforce_consistency(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-        """One back-projection step: sr + w * bilinear_upsample(lr - degrade(sr))."""
-        residual = lr - self.degrade(sr)
+        """One back-projection step against the low-resolution input ``lr`` (1, 3, L, L):
+        sr + w * bilinear_resize(lr - degrade(sr), sr's size)."""
+        residual = lr - self.degrade(sr, lr.shape[-2:])
         return sr + self.cfg.cem_weight * F.interpolate(
-            residual, scale_factor=self.scale, mode="bilinear", align_corners=False
+            residual, size=sr.shape[-2:], mode="bilinear", align_corners=False
         )

@@ -33,8 +33,10 @@ class PositionalEncoding(nn.Module):
 class RadianceField(nn.Module):
     """GRAF's generator MLP, every size from :class:`FieldConfig`.
 
-    Trunk: ``depth`` ReLU layers of ``width`` on PE(xyz) || z_shape, the trunk input
-    concatenated again after each layer in ``skips``; density head on the trunk;
+    Trunk: ``depth`` ReLU layers of ``width`` on PE(xyz) || z_shape, PE(xyz) || z_skip
+    concatenated again after each layer in ``skips`` (z_skip = z_shape, or with
+    ``cfg.skip_latent == "raw"`` graf_ccsr's latent code before class conditioning: the field's
+    shape input is then (B, 2 Zs) = [conditioned, raw]); density head on the trunk;
     colour branch: feature layer || PE(view dir) || z_appearance -> ``view_width``
     -> rgb (sigmoid). ``z_appearance_dim`` may be 0 (graf_ccsr: all of z in the trunk).
     ``cfg.execution`` picks how it is computed (``fused`` or the original's per-point
@@ -63,7 +65,8 @@ class RadianceField(nn.Module):
     def forward(
         self, points: torch.Tensor, view_dirs: torch.Tensor, z_shape: torch.Tensor, z_appearance: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """points, view_dirs (unit): (B, N, 3); z_shape (B, Zs); z_appearance (B, Za).
+        """points, view_dirs (unit): (B, N, 3); z_shape (B, Zs) (or (B, 2 Zs), see the class
+        docstring); z_appearance (B, Za).
 
         Returns rgb (B, N, 3) in [0, 1] and raw density sigma (B, N) (before ReLU/noise).
         Each sample's code is broadcast over its own points only (graf_ccsr's ``.repeat``
@@ -92,16 +95,30 @@ class RadianceField(nn.Module):
             return self._concat(points, view_dirs, expand(z_shape), expand(z_appearance))
         return self._fused(points, view_dirs, z_shape, z_appearance, expand)
 
+    @property
+    def shape_input_dim(self) -> int:
+        """Columns of the field's shape input: Zs, or 2 Zs with ``skip_latent=raw``."""
+        return self.cfg.z_shape_dim * (2 if self.cfg.skip_latent == "raw" else 1)
+
+    def _latents(self, z_shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first layer's code, the skip's code) of the field's shape input."""
+        if self.cfg.skip_latent == "raw":
+            return z_shape.chunk(2, dim=-1)
+        return z_shape, z_shape
+
     def _concat(self, points, view_dirs, z_shape_rows, z_appearance_rows):
         """The plain way, as graf_ccsr computed it: every input concatenated per point, the
         trunk input concatenated again after each skip, a linear feature layer, then
         feature || PE(dir) || z_appearance into the colour branch."""
-        x_in = torch.cat([self.xyz_encoding(points), z_shape_rows.to(points.dtype)], dim=-1)
+        pe = self.xyz_encoding(points)
+        z_first, z_skip = self._latents(z_shape_rows.to(points.dtype))
+        x_in = torch.cat([pe, z_first], dim=-1)
+        skip_in = x_in if self.cfg.skip_latent == "conditioned" else torch.cat([pe, z_skip], dim=-1)
         h = x_in
         for i, layer in enumerate(self.trunk):
             h = torch.relu(layer(h))
             if i in self.skips:
-                h = torch.cat([x_in.to(h.dtype), h], dim=-1)
+                h = torch.cat([skip_in.to(h.dtype), h], dim=-1)
         sigma_raw = self.density_head(h).squeeze(-1)
         feature = self.feature(h)
         view_in = torch.cat([feature, self.dir_encoding(view_dirs).to(feature.dtype),
@@ -118,12 +135,14 @@ class RadianceField(nn.Module):
         activation lies between them); the density head shares that matmul. Parameters and
         gradients are unchanged."""
         pe = self.xyz_encoding(points)  # (M, Dpe); needs no gradient
-        pe_dim, zs_dim = self.xyz_encoding.out_dim, z_shape.shape[-1]
+        z_first, z_skip = self._latents(z_shape)
+        pe_dim, zs_dim = self.xyz_encoding.out_dim, z_first.shape[-1]
         h = None
         for i, layer in enumerate(self.trunk):
             weight, bias = layer.weight, layer.bias
-            if h is None or (i - 1) in self.skips:  # input = [pe, z_shape] (+ h after a skip)
-                per_sample = F.linear(z_shape, weight[:, pe_dim:pe_dim + zs_dim], bias)  # (B, W)
+            if h is None or (i - 1) in self.skips:  # input = [pe, z] (+ h after a skip)
+                z = z_first if h is None else z_skip
+                per_sample = F.linear(z, weight[:, pe_dim:pe_dim + zs_dim], bias)  # (B, W)
                 out = expand(per_sample)  # like addmm's bias: the output starts as the broadcast term
                 out.addmm_(pe.to(out.dtype), weight[:, :pe_dim].t().to(out.dtype))
                 if h is not None:

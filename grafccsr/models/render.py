@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from grafccsr.camera import corner_shift
 from grafccsr.config import Config
+from grafccsr.models.occupancy import camera_half_size, march_steps
 
 _LAST_DELTA = 1e10  # the last sample's interval reaches "infinity": it absorbs what is left
 
@@ -60,6 +62,17 @@ class RenderSettings:
     """Early ray termination threshold for renders without autograd (0 = off)."""
     termination_chunk: int = 8
     """Samples per ray between two transmittance checks (with termination)."""
+    coarse_loss: bool = False
+    """With a fine network: render the coarse pass with autograd and return it (``coarse_rgb``)
+    for its loss (``model.render.coarse_loss=match_fine``)."""
+    ray_shift: float = 0.0
+    """:func:`grafccsr.camera.rays_from_grid`'s shift: 0 (pixel-centre rays) or half a pixel of
+    the data's image size (``model.render.rays_through=pixel_corners``)."""
+    occupancy_half_size: float = 0.0
+    """Half side of the occupancy grid's cube (``model.occupancy``; 0 = render without the grid,
+    even where the generator has one)."""
+    occupancy_steps: int = 0
+    """Steps each ray takes through [near, far] to find its occupied part (none longer than half a cell)."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RenderSettings":
@@ -73,6 +86,9 @@ class RenderSettings:
             checkpoint_segment_points=mem.checkpoint_segment_points, no_grad_segment_points=mem.no_grad_segment_points,
             bound_radius=render.bound_radius, termination_transmittance=render.termination_transmittance,
             termination_chunk=render.termination_chunk,
+            coarse_loss=render.fine_network and render.coarse_loss == "match_fine",
+            ray_shift=corner_shift(cfg.data.image_size) if render.rays_through == "pixel_corners" else 0.0,
+            **_occupancy_settings(cfg),
         )
 
     @property
@@ -84,7 +100,8 @@ class RenderSettings:
     def field_points_per_ray(self) -> int:
         """Field evaluations per ray and render: the final render's samples plus, with a
         hierarchical pass, the coarse pass's (its samples are evaluated twice). Early
-        termination evaluates fewer (data-dependent)."""
+        termination and, without autograd, the occupancy grid evaluate fewer (data-dependent:
+        renders return the count, ``points``); this is their upper bound."""
         coarse = self.samples_per_ray if self.importance_samples > 0 else 0
         return coarse + self.points_per_ray
 
@@ -97,6 +114,17 @@ class RenderSettings:
         return self.density_noise_std * max(0, decay - iteration) / decay
 
 
+def _occupancy_settings(cfg: Config) -> dict:
+    """``occupancy_half_size`` and ``occupancy_steps`` of ``model.occupancy`` (both 0 when it is off)."""
+    occ, cam = cfg.model.occupancy, cfg.camera
+    if not occ.enabled:
+        return {}
+    shift = corner_shift(cfg.data.image_size) if cfg.model.render.rays_through == "pixel_corners" else 0.0
+    half = occ.half_size or camera_half_size(cam.radius, cam.near, cam.far, cam.fov_deg, shift)
+    return {"occupancy_half_size": half,
+            "occupancy_steps": march_steps(half, occ.resolution, cam.near, cam.far, cam.fov_deg, shift)}
+
+
 def render_rays(
     field: nn.Module,
     origins: torch.Tensor,
@@ -107,13 +135,18 @@ def render_rays(
     *,
     iteration: int | None = None,
     generator: torch.Generator | None = None,
+    fine: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
+    occupancy=None,
 ) -> dict[str, torch.Tensor]:
     """Render rays through a field with forward(points, view_dirs, z_shape, z_appearance).
 
     origins, directions: (B, R, 3); z_shape (B, Zs); z_appearance (B, Za).
     ``settings.samples_per_ray`` depths on [near, far]; with ``importance_samples`` > 0 a
     hierarchical pass draws that many more depths from the coarse weights and re-renders
-    all of them with the same field (GRAF uses one network). ``iteration`` is training:
+    all of them with the same field (GRAF uses one network), or with ``fine`` = (fine field,
+    its z_shape, its z_appearance) with that second field (graf_ccsr's fine network; with
+    ``settings.coarse_loss`` and autograd on, the coarse pass keeps its graph and its image is
+    returned as ``coarse_rgb``). ``iteration`` is training:
     jittered samples (``perturb``) and density noise at ``settings.noise_std(iteration)``;
     None is evaluation, deterministic and noise-free. ``chunk`` > 0 renders at most that
     many rays at a time (less peak memory, same result). ``grad_checkpoint`` recomputes the
@@ -124,53 +157,88 @@ def render_rays(
     ``bound_radius`` > 0 spreads each ray's samples over its part of [near, far] inside that
     ball (rays that miss it render nothing); ``termination_transmittance`` > 0 stops evaluating
     a ray once its transmittance falls below it, in renders without autograd on real tensors
-    (:func:`march`). Both keep every shape static on the autograd path, so the renderer traces
-    under FakeTensorMode (termination then renders in full: the estimator's upper bound).
+    (:func:`march`). ``occupancy`` (a :class:`grafccsr.models.occupancy.RaySampler`: the
+    generator's grid for each row's class) spreads each ray's samples over its occupied length
+    instead (coordinates along the occupied steps, mapped back to depths; the intervals are
+    occupied length, the last ends with the last occupied step); rays that cross no occupied cell
+    render nothing and, without autograd on real tensors, are not evaluated. All keep every shape
+    static on the autograd path, so the renderer traces under FakeTensorMode (termination and
+    the grid's skipped rays then render in full: the estimator's upper bound).
 
     Returns ``rgb`` (B, R, 3) in [-1, 1], ``depth`` (B, R) (expected t, with empty
-    space contributing 0: divide by ``acc`` for the depth of what was hit) and
-    ``acc`` (B, R) (opacity).
+    space contributing 0: divide by ``acc`` for the depth of what was hit), ``acc`` (B, R)
+    (opacity) and ``points`` (B, R), the field evaluations each ray cost (every pass).
     """
     perturb = settings.perturb and iteration is not None
     noise_std = settings.noise_std(iteration)
     num_rays, chunk = origins.shape[1], settings.chunk
     if chunk <= 0 or chunk >= num_rays:
-        return _render(field, origins, directions, z_shape, z_appearance, settings, perturb, noise_std, generator)
+        return _render(field, origins, directions, z_shape, z_appearance, settings, perturb, noise_std, generator,
+                       fine, occupancy)
     parts = [
         _render(field, origins[:, i : i + chunk], directions[:, i : i + chunk], z_shape, z_appearance, settings,
-                perturb, noise_std, generator)
+                perturb, noise_std, generator, fine, occupancy)
         for i in range(0, num_rays, chunk)
     ]
     return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
 
 
 def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings, perturb: bool, noise_std: float,
-            generator) -> dict[str, torch.Tensor]:
-    near, far, active = s.near, s.far, None
-    if s.bound_radius > 0:
+            generator, fine=None, occupancy=None) -> dict[str, torch.Tensor]:
+    near, far, active, segments = s.near, s.far, None, None
+    if occupancy is not None:  # samples along the occupied length: "depths" below are coordinates along it
+        segments = occupancy.segments(origins, directions, s.near, s.far)
+        near, far, active = 0.0, segments.length, segments.active
+    elif s.bound_radius > 0:
         near, far, active = ray_bounds(origins, directions, s.near, s.far, s.bound_radius)
-    segment_end = far if s.bound_radius > 0 else None  # clipped rays: the last interval ends at the ball
-    terminate = s.termination_transmittance > 0 and not torch.is_grad_enabled() and not _is_fake(origins)
+    # clipped rays: the last interval ends at the ball, or with the last occupied step
+    segment_end = far if s.bound_radius > 0 or segments is not None else None
+    real_no_grad = not torch.is_grad_enabled() and not _is_fake(origins)
+    terminate = s.termination_transmittance > 0 and real_no_grad
+    gather = terminate or (segments is not None and real_no_grad)  # evaluate only the rays the grid says cross matter
+    checkpoint_points = s.checkpoint_segment_points if s.grad_checkpoint else 0
 
-    def render(depths: torch.Tensor, checkpoint_points: int) -> dict[str, torch.Tensor]:
-        if terminate:
-            return march(field, origins, directions, depths, z_shape, z_appearance, s.termination_transmittance,
-                         chunk=s.termination_chunk, segment_points=s.no_grad_segment_points, noise_std=noise_std,
-                         generator=generator, segment_end=segment_end, active=active)
-        rgb, sigma_raw = _query_field(field, origins, directions, depths, z_shape, z_appearance, checkpoint_points,
+    def render(net, zs, za, coords: torch.Tensor, checkpoint_points: int) -> dict[str, torch.Tensor]:
+        depths = coords if segments is None else segments.to_depth(coords)
+        spacing = None if segments is None else coords
+        if gather:
+            return march(net, origins, directions, depths, zs, za, s.termination_transmittance,
+                         chunk=s.termination_chunk if terminate else depths.shape[-1],
+                         segment_points=s.no_grad_segment_points, noise_std=noise_std, generator=generator,
+                         segment_end=segment_end, active=active, spacing=spacing)
+        rgb, sigma_raw = _query_field(net, origins, directions, depths, zs, za, checkpoint_points,
                                       s.no_grad_segment_points)
-        return composite(rgb, sigma_raw, depths, directions, noise_std, generator, segment_end=segment_end)
+        out = composite(rgb, sigma_raw, coords, directions, noise_std, generator, segment_end=segment_end)
+        if segments is not None:
+            out["depth"] = (out["weights"] * depths).sum(dim=-1)
+        out["points"] = torch.full_like(out["acc"], depths.shape[-1])
+        return out
 
     depths = stratified_depths(origins, near, far, s.samples_per_ray, perturb, generator)
+    coarse = None
     if s.importance_samples > 0:
-        # the coarse pass only places the fine samples (its weights are detached), so it
-        # needs no graph; its depths are re-rendered with gradient in the merged pass
-        with torch.no_grad():
-            weights = render(depths, 0)["weights"]
+        # the coarse pass only places the fine samples (sample_pdf detaches its weights), so it
+        # needs a graph only when a loss trains a separate coarse network
+        if fine is not None and s.coarse_loss and torch.is_grad_enabled():
+            coarse = render(field, z_shape, z_appearance, depths, checkpoint_points)
+        else:
+            with torch.no_grad():
+                coarse = render(field, z_shape, z_appearance, depths, 0)
         mids = 0.5 * (depths[..., 1:] + depths[..., :-1])
-        fine = sample_pdf(mids, weights[..., 1:-1], s.importance_samples, not perturb, generator)
-        depths = torch.sort(torch.cat([depths, fine], dim=-1), dim=-1).values
-    out = render(depths, s.checkpoint_segment_points if s.grad_checkpoint else 0)
+        extra = sample_pdf(mids, coarse["weights"][..., 1:-1], s.importance_samples, not perturb, generator)
+        depths = torch.sort(torch.cat([depths, extra], dim=-1), dim=-1).values
+        if fine is not None:
+            field, z_shape, z_appearance = fine
+    final = render(field, z_shape, z_appearance, depths, checkpoint_points)
+    out = _finish(final, s)
+    out["points"] = final["points"] if coarse is None else final["points"] + coarse["points"]
+    if coarse is not None and coarse["rgb"].requires_grad:
+        out["coarse_rgb"] = _finish(coarse, s)["rgb"]
+    return out
+
+
+def _finish(out: dict[str, torch.Tensor], s: RenderSettings) -> dict[str, torch.Tensor]:
+    """A composited render as returned: rgb in [-1, 1] on the background, depth, opacity."""
     colour = out["rgb"]
     if s.white_background:
         colour = colour + (1.0 - out["acc"][..., None])
@@ -318,6 +386,7 @@ def march(
     generator: torch.Generator | None = None,
     segment_end: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    spacing: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`composite` of the field at ``depths`` (B, R, S) with early ray termination.
 
@@ -330,11 +399,13 @@ def march(
     so the result equals the full render's up to what the dropped samples would have added: at
     most ``threshold`` in opacity and colour (in [0, 1]) and ``threshold`` x the last depth in
     depth; skipped samples get weight 0. At most ``segment_points`` points per field call.
-    Real tensors only (data-dependent shapes); no autograd.
+    ``spacing`` (B, R, S): the coordinates the intervals are measured in, when they are not the
+    depths (the occupancy grid's occupied length). Also returns ``points`` (B, R), the samples
+    evaluated per ray. Real tensors only (data-dependent shapes); no autograd.
     """
     b, r, s = depths.shape
     n, device = b * r, depths.device
-    deltas = _deltas(depths, directions, segment_end).reshape(n, s)
+    deltas = _deltas(depths if spacing is None else spacing, directions, segment_end).reshape(n, s)
     noise = None
     if noise_std > 0:  # the same draw as composite's (same shape, dtype and generator)
         noise = torch.randn((b, r, s), generator=generator, device=device, dtype=depths.dtype).reshape(n, s) * noise_std
@@ -345,6 +416,7 @@ def march(
     transmittance = torch.ones(n, device=device, dtype=depths.dtype)
     weights = torch.zeros(n, s, device=device, dtype=depths.dtype)
     rgb = torch.zeros(n, 3, device=device, dtype=depths.dtype)
+    evaluated = torch.zeros(n, device=device, dtype=depths.dtype)
     live = torch.arange(n, device=device) if active is None else active.reshape(n).nonzero().squeeze(1)
     for s0 in range(0, s, chunk):
         if live.numel() == 0:
@@ -361,12 +433,14 @@ def march(
         weights[live, s0:s1] = w
         transmittance[live] = trans[:, -1]
         rgb.index_add_(0, live, (w[..., None] * colour).sum(dim=1))
+        evaluated[live] += s1 - s0
         live = live[trans[:, -1] > threshold]
     return {
         "weights": weights.view(b, r, s),
         "rgb": rgb.view(b, r, 3),
         "depth": (weights * t).sum(dim=-1).view(b, r),
         "acc": weights.sum(dim=-1).view(b, r),
+        "points": evaluated.view(b, r),
     }
 
 

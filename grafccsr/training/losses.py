@@ -73,3 +73,11 @@ def ccsr_consistency_loss(sr: torch.Tensor, nerf_rgb: torch.Tensor) -> torch.Ten
     """
     downsampled = F.interpolate(sr, size=nerf_rgb.shape[-2:], mode="area")
     return F.mse_loss(downsampled, nerf_rgb.detach())
+
+
+def coarse_match_loss(coarse_rgb: torch.Tensor, fine_rgb: torch.Tensor) -> torch.Tensor:
+    """``model.render.coarse_loss=match_fine``: MSE(coarse render, fine render.detach()), both
+    (B, 3, P, P) of the same z and pose. It trains the coarse network (which only places the
+    importance samples) to see what the fine network renders; the fine render is not pulled
+    towards the coarse one."""
+    return F.mse_loss(coarse_rgb, fine_rgb.detach())

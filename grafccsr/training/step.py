@@ -27,6 +27,7 @@ from grafccsr.training.distributed import Dist
 from grafccsr.training.losses import (
     MultiTaskCrossEntropy,
     ccsr_consistency_loss,
+    coarse_match_loss,
     d_loss,
     g_loss,
     r1_penalty,
@@ -74,8 +75,11 @@ def build_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=tuple(t.adam_betas), eps=t.optim_eps, foreach=True)
 
 
-D_SUMS = ("loss/d", "loss/r1", "loss/aux_d", "d/real_logit", "d/fake_logit")
-G_SUMS = ("loss/g", "loss/ccsr", "loss/aux_g")
+D_SUMS = ("loss/d", "loss/r1", "loss/aux_d", "d/real_logit", "d/fake_logit", "perf/points_per_ray")
+G_SUMS = ("loss/g", "loss/ccsr", "loss/coarse", "loss/aux_g", "perf/points_per_ray")
+"""What each step returns (means over its micro-batches). ``perf/points_per_ray``: field
+evaluations per rendered ray, measured (fewer than configured where the occupancy grid or early
+termination skip work without autograd)."""
 
 
 class GanStep:
@@ -168,17 +172,23 @@ class GanStep:
         target = hr_grid if self.ccsr_mode == "discriminator" else grid
         return sample_patches(images, target, antialias=self.cfg.model.patch.antialias)
 
-    def render_fakes(self, inputs: Dict[str, torch.Tensor], iteration: int) -> Dict[str, torch.Tensor]:
-        """Render fakes for ``draw_fakes`` inputs; runs CCSR when enabled.
+    def render_fakes(self, inputs: Dict[str, torch.Tensor], iteration: int, *, for_d: bool = False
+                     ) -> Dict[str, torch.Tensor]:
+        """Render fakes for ``draw_fakes`` inputs; runs CCSR when enabled, except as a regulariser
+        for the D step (``for_d``), which only needs what D sees (the original ran it in the G step only).
 
-        Returns ``rgb`` (B,3,P,P), ``sr`` (B,3,sP,sP) when CCSR runs, and ``d_input`` (what D sees).
+        Returns ``rgb`` (B,3,P,P), ``sr`` (B,3,sP,sP) when CCSR runs, ``d_input`` (what D sees),
+        ``points`` (field evaluations per ray, B,1,P,P) and, when a fine network's coarse pass
+        trains, ``coarse_rgb`` (B,3,P,P).
         """
         g, policy = self.generator, self.policy
         with policy.autocast(policy.render):
             out = g.render(inputs["z"], inputs["labels"][:, 0], inputs["u"], inputs["v"], inputs["grid"],
                            self.render_settings, iteration=iteration, rng=self.render_rng)
-        fakes = {"rgb": out["rgb"], "d_input": out["rgb"]}
-        if self.ccsr_mode != "off":
+        fakes = {"rgb": out["rgb"], "d_input": out["rgb"], "points": out["points"]}
+        if "coarse_rgb" in out:
+            fakes["coarse_rgb"] = out["coarse_rgb"]
+        if self.ccsr_mode == "discriminator" or (self.ccsr_mode == "regularizer" and not for_d):
             with policy.autocast(policy.sr):
                 fakes["sr"] = g.super_resolve(out["rgb"], inputs["u"], inputs["hr_grid"],
                                               no_grad=self.cfg.memory.ccsr_no_grad)
@@ -235,9 +245,12 @@ class GanStep:
                 real_logits, real_aux = d(real, class_idx)
             if mem.fakes_without_graph:
                 with torch.no_grad():
-                    fake = self.render_fakes(inputs, iteration)["d_input"]
+                    fakes = self.render_fakes(inputs, iteration, for_d=True)
             else:
-                fake = self.render_fakes(inputs, iteration)["d_input"]
+                fakes = self.render_fakes(inputs, iteration, for_d=True)
+            fake, points = fakes["d_input"], fakes["points"]
+            del fakes
+            sums["perf/points_per_ray"] += points.float().mean() / accum
             with policy.autocast(policy.discriminator):
                 fake_logits, _ = d(fake.detach(), class_idx)
             if mem.eager_free:
@@ -282,11 +295,16 @@ class GanStep:
                     ccsr = ccsr_consistency_loss(fakes["sr"].float(), fakes["rgb"].float())
                     total = total + alpha * ccsr
                     sums["loss/ccsr"] += ccsr.detach() / accum
+                if "coarse_rgb" in fakes:
+                    coarse = coarse_match_loss(fakes["coarse_rgb"].float(), fakes["rgb"].float())
+                    total = total + cfg.model.render.coarse_loss_weight * coarse
+                    sums["loss/coarse"] += coarse.detach() / accum
                 if self.aux_loss is not None:
                     aux = self.aux_loss(fake_aux.float(), class_idx[:, None])
                     total = total + cfg.train.aux_weight * aux
                     sums["loss/aux_g"] += aux.detach() / accum
                 sums["loss/g"] += total.detach() / accum
+                sums["perf/points_per_ray"] += fakes["points"].float().mean() / accum
                 self.scaler_g.scale(total / accum).backward()
                 if mem.eager_free:
                     del fakes, fake_logits, fake_aux, loss, total
@@ -304,6 +322,18 @@ class GanStep:
         for p in params:
             p.grad = None
         self.dist.average_gradients(params, {k: torch.zeros((), device=self.device) for k in names}, status)
+
+    def occupancy_due(self, iteration: int) -> bool:
+        """Whether the generator's occupancy grid is updated after ``iteration`` (``model.occupancy``)."""
+        return self.generator.occupancy is not None and self.generator.occupancy.due(iteration)
+
+    def update_occupancy(self, iteration: int) -> None:
+        """Update the generator's occupancy grid from its own density (the same draws on every
+        rank: every rank computes the same grid) and hand it to the EMA copy at once."""
+        self.generator.update_occupancy(iteration, self.render_settings, self.cfg.train.seed)
+        if self.generator_ema is not None:
+            for ema_buffer, buffer in zip(self.generator_ema.occupancy.buffers(), self.generator.occupancy.buffers()):
+                ema_buffer.copy_(buffer)
 
     @torch.no_grad()
     def update_ema(self) -> None:
