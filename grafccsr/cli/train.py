@@ -5,8 +5,10 @@ overrides are composed and validated here, so a bad config prints one line and e
 nothing left behind. ``resume=RUN_FOLDER`` continues a run from its own stored config (new
 ``key=value`` overrides on top) in the same folder and the same MLflow run.
 
-Exit codes: 0 finished, 1 bug (traceback), 2 bad config, 3 out of memory, 4 NaN/Inf loss,
-5 unreadable data, 130 interrupted (a checkpoint was written).
+Exit codes: 0 finished, 1 bug (traceback), 2 bad config (also: a run folder that cannot be
+written, a tracking server that does not answer), 3 out of memory, 4 NaN/Inf loss, 5 unreadable
+data, 6 a run file could not be written (disk full, file-size limit), 130 interrupted (a
+checkpoint was written).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import yaml
 
 from grafccsr.cli.common import error, exit_code_for
 from grafccsr.config import Config, ConfigError, apply_overrides, compose, register_configs, to_config
+from grafccsr.config.schema import TrackingConfig
 from grafccsr.paths import CONF_DIR
+from grafccsr.tracking.files import unwritable
+from grafccsr.tracking.store import apply_http_settings, is_server, resolve_uri
 from grafccsr.training.outcome import EXIT_CONFIG
 
 PROG = "grafccsr.train"
@@ -96,6 +101,29 @@ def _fetch_from_mlflow(run_id: str, overrides: Sequence[str], dest: Path) -> Pat
     return fetch_checkpoint(run_id, resolve_uri(uris[-1] if uris else None), dest)
 
 
+def check_start(cfg: Config, argv: Sequence[str]) -> None:
+    """What the world must offer before anything starts: run folders that take files and a
+    tracking server that answers (one request, ``tracking.request_timeout_s``, no retries), and
+    the device the config asks for."""
+    from grafccsr.training.build import resolve_device
+
+    resolve_device(cfg.train.device)  # CUDA asked on a machine without it: before Hydra makes a folder
+    explicit = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    folders = [Path(explicit[-1]) if explicit else Path("runs") / cfg.exp_name]
+    if cfg.output_dir:
+        folders.append(Path(cfg.output_dir))
+    for folder in folders:
+        why = unwritable(folder)
+        if why:
+            raise ConfigError(f"cannot write the run folder {folder} ({why}); choose another with "
+                              "hydra.run.dir=DIR (or output_dir=DIR)")
+    uri = resolve_uri(cfg.tracking.uri)
+    if cfg.tracking.backend == "mlflow" and is_server(uri):
+        from grafccsr.tracking.mlflow import check_server  # imports mlflow
+
+        check_server(uri, cfg.tracking.request_timeout_s)
+
+
 def run_name(cfg: Config, overrides: Sequence[str], folder: Path) -> str:
     """The preset, the overrides (shortened) and the run folder: unique across a multirun."""
     shown = " ".join(o for o in user_overrides(overrides)
@@ -110,6 +138,10 @@ def _leave_nothing(folder: Path) -> None:
     try:
         if folder.is_dir() and {p.name for p in folder.iterdir()} <= HYDRA_FILES:
             shutil.rmtree(folder)
+            if folder.parent.parent.name == "runs":  # the default runs/<exp>/<time>: Hydra made the parents too
+                for parent in (folder.parent, folder.parent.parent):
+                    if not any(parent.iterdir()):
+                        parent.rmdir()
     except OSError:
         pass
 
@@ -157,6 +189,9 @@ def task(dict_cfg) -> int:
     if not summary:  # stopped before the run was opened: nothing to keep
         _leave_nothing(hydra_folder)
     line = result.status + (f" ({result.reason}: {summary.get('message', '')})" if result.reason else "")
+    lost = summary.get("tracking") or {}
+    if lost.get("state") == "lost":
+        line += f" - MLflow tracking lost at iteration {lost['lost_at_iteration']} ({lost['lost_cause']})"
     print(f"{line} - iteration {summary.get('iteration')} - run folder {output_dir}")
     if summary.get("mlflow_run_id"):
         print(f"MLflow run {summary['mlflow_run_id']}: {summary.get('mlflow_url') or summary.get('tracking_uri')}")
@@ -206,6 +241,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = get_args_parser().parse_args(argv)
     register_configs()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1")  # we print the link ourselves
+    logging.raiseExceptions = False  # a full disk must not turn each line for train.log into a traceback
+    defaults = TrackingConfig()  # bounded MLflow calls from the start (resume=mlflow:, a multirun's parent)
+    apply_http_settings(defaults.request_timeout_s, defaults.request_retries)
     if not (args.help or args.hydra_help or args.shell_completion or args.info or args.multirun):
         try:
             cfg, resumed_folder = plan_run(args.overrides)
@@ -217,6 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 # continue in the run's own folder (train.log appended), keeping its .hydra/
                 argv += [f"hydra.run.dir={resumed_folder}", "hydra.output_subdir=null"]
             argv += torchrun_overrides(args.overrides, cfg, resumed_folder)
+            apply_http_settings(cfg.tracking.request_timeout_s, cfg.tracking.request_retries)
+            check_start(cfg, argv)
         except ConfigError as err:
             from grafccsr.training import distributed
 

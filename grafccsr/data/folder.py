@@ -11,7 +11,9 @@ message instead of crashing a training run hours later.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset
 
 from grafccsr.config import DataConfig
 from grafccsr.data.errors import DatasetError
+from grafccsr.data.holdout import describe_split, held_out_mask
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
@@ -69,11 +72,10 @@ def scan_folder(root: Path, prefixes: Sequence[str]) -> Tuple[List[str], List[Vi
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"dataset folder {root} {what} (data.root)")
-    class_dirs = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
-    )
+    top = _entries(root)
+    class_dirs = [p for p, st in top if stat.S_ISDIR(st.st_mode)]
     if not class_dirs:
-        loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_file(p))
+        loose = sum(1 for p, st in top if stat.S_ISREG(st.st_mode) and is_image_file(p))
         hint = f"; it holds {loose} images itself: point data.root at the folder above the class folders"
         raise DatasetError(
             f"dataset folder {root} has no class sub-folders "
@@ -81,7 +83,7 @@ def scan_folder(root: Path, prefixes: Sequence[str]) -> Tuple[List[str], List[Vi
         )
     views: List[ViewFile] = []
     for class_idx, class_dir in enumerate(class_dirs):
-        images = sorted(p for p in class_dir.iterdir() if p.is_file() and is_image_file(p))
+        images = [p for p, st in _entries(class_dir) if is_image_file(p) and _regular(p, st)]
         if not images:
             raise DatasetError(
                 f"class folder {class_dir} holds no images (expected <elevPrefix>_<azimuthDeg>.<ext>, "
@@ -96,6 +98,30 @@ def scan_folder(root: Path, prefixes: Sequence[str]) -> Tuple[List[str], List[Vi
             views.append(ViewFile(path, class_idx, *pose))
     views.sort(key=lambda f: (f.class_idx, f.elev_idx, f.azimuth_deg))
     return [p.name for p in class_dirs], views
+
+
+def _entries(folder: Path) -> List[Tuple[Path, os.stat_result]]:
+    """The non-hidden entries of ``folder`` (sorted), followed through symbolic links. One that
+    cannot be followed or read (a dangling or looping link, no permission) stops the run with
+    its name, like a corrupt image: it is never skipped silently."""
+    try:
+        paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as err:
+        raise DatasetError(f"{folder}: cannot list the folder ({err.strerror})") from err
+    entries = []
+    for path in paths:
+        try:
+            entries.append((path, path.stat()))
+        except OSError as err:
+            link = f" (a symbolic link to {os.readlink(path)})" if path.is_symlink() else ""
+            raise DatasetError(f"{path}: cannot read it{link}: {err.strerror}") from err
+    return entries
+
+
+def _regular(path: Path, st: os.stat_result) -> bool:
+    if not stat.S_ISREG(st.st_mode):
+        raise DatasetError(f"{path}: named like an image but not a regular file")
+    return True
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -143,6 +169,9 @@ class MultiViewFolder(Dataset):
         poses: float32 (N, 2) = (u, v) with u = deg / 360, v = data.elevation_v[elev].
         class_names: sorted class-folder names; ``num_classes`` of them.
         files: path of each view; ``image_size``: S.
+        held_out: bool (N,), the views ``data.holdout`` (``holdout``) keeps out of training (the
+            loader skips them, the pose-matched evaluation uses exactly them); ``holdout_record``
+            says which.
 
     Items: ``dict(image=float32 (3, S, S) in [-1, 1], label=int64 (3,), pose=float32 (2,))``.
     """
@@ -161,6 +190,19 @@ class MultiViewFolder(Dataset):
         ).view(-1, 3)
         elevation_v = torch.tensor([float(v) for v in cfg.elevation_v], dtype=torch.float32)
         self.poses = torch.stack((self.labels[:, 2].float() / 360.0, elevation_v[self.labels[:, 1]]), dim=1)
+        self.holdout = cfg.holdout
+        self.held_out = held_out_mask(self.labels, cfg.holdout)
+        self.holdout_record = describe_split(self.held_out, self.labels, [str(p) for p in cfg.elevation_prefixes])
+
+    @property
+    def train_indices(self) -> torch.Tensor:
+        """Indices of the views training may see (all but ``held_out``)."""
+        return (~self.held_out).nonzero().flatten()
+
+    @property
+    def holdout_indices(self) -> torch.Tensor:
+        """Indices of the held-out views (``data.holdout``), ordered by (class, elevation, azimuth)."""
+        return self.held_out.nonzero().flatten()
 
     @property
     def fingerprint(self) -> str:

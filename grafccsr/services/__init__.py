@@ -2,8 +2,8 @@
 server backed by it. ``python -m grafccsr.services start|stop|status`` (``make services``);
 see :mod:`grafccsr.services.local`."""
 
-from grafccsr.services.local import (INSTALL_HINT, MLFLOW_DB, OPTUNA_DB, PG_ROLE, PostgresMissing, Services,
-                                     ServicesError, find_pg_bin)
+from grafccsr.services.local import (AUTH_USER, INSTALL_HINT, MLFLOW_DB, OPTUNA_DB, PG_ROLE, STORAGE_ENV,
+                                     PostgresMissing, Services, ServicesError, UnsafeHost, find_pg_bin)
 
-__all__ = ["INSTALL_HINT", "MLFLOW_DB", "OPTUNA_DB", "PG_ROLE", "PostgresMissing", "Services", "ServicesError",
-           "find_pg_bin"]
+__all__ = ["AUTH_USER", "INSTALL_HINT", "MLFLOW_DB", "OPTUNA_DB", "PG_ROLE", "STORAGE_ENV", "PostgresMissing",
+           "Services", "ServicesError", "UnsafeHost", "find_pg_bin"]

@@ -8,15 +8,21 @@ Everything lives in one state folder (default ``<project>/.services``)::
     mlflow/artifacts/     --artifacts-destination (served by the server: clients need no shared disk)
     mlflow/mlflow.log, mlflow/mlflow.pid
 
-Two databases: ``optuna`` (the sweeps' ``--storage``) and ``mlflow`` (the server's backend store).
+Two databases: ``optuna`` (the sweeps' storage) and ``mlflow`` (the server's backend store).
 Clients authenticate as role ``grafccsr`` with a generated password (never trust auth: the
-machine may be shared). ``start`` is idempotent (running servers are reported, a stale pid file
+machine may be shared). With ``auth`` the MLflow server runs MLflow's basic-auth app
+(``mlflow server --app-name basic-auth``): its admin user ``grafccsr`` gets a generated password,
+kept in ``state.json`` beside the database's; clients pass it through MLflow's environment
+variables (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, printed by
+``python -m grafccsr.services env``), never on a command line. A listen address beyond loopback
+is refused without it. ``start`` is idempotent (running servers are reported, a stale pid file
 is cleaned up); ``stop`` stops only what this folder's pid files and cluster name.
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import os
 import pwd
@@ -44,10 +50,24 @@ WILDCARDS = ("0.0.0.0", "::", "")
 """Listen addresses that mean every interface."""
 
 
+def is_loopback(host: str) -> bool:
+    """Only this machine reaches a server listening on ``host``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def local_host(listen: str) -> str:
     """The address this machine reaches a server on that listens on ``listen``: loopback for a
     wildcard, else that address (a server bound to one interface is not on loopback)."""
     return LOOPBACK if listen in WILDCARDS else listen
+AUTH_USER = "grafccsr"
+"""The MLflow basic-auth app's admin user (its password: ``state.json``'s ``mlflow_password``)."""
+STORAGE_ENV = "GRAFCCSR_STORAGE"
+"""Where a sweep takes its storage URL from (a password stays off the command line)."""
 MLFLOW_START_TIMEOUT_S = 240.0  # first start runs MLflow's schema migrations (slow on 2 cores)
 STOP_GRACE_S = 15.0
 
@@ -58,6 +78,10 @@ class ServicesError(RuntimeError):
 
 class PostgresMissing(ServicesError):
     """Debian's postgresql package (initdb, pg_ctl) is not installed."""
+
+
+class UnsafeHost(ServicesError):
+    """A listen address other machines reach, without authentication."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -174,6 +198,9 @@ class Services:
     """Throwaway servers (tests, CI): initdb without sync, fsync/synchronous_commit off."""
     allowed_hosts: Optional[str] = None
     """``mlflow server --allowed-hosts`` (needed when clients reach it by another name than localhost)."""
+    auth: bool = False
+    """MLflow's basic-auth app with a generated admin password (required beyond loopback; kept on
+    by later starts of the same folder)."""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -256,6 +283,16 @@ class Services:
     def _local_tracking_uri(self, state: Dict[str, Any]) -> str:
         return f"http://{local_host(state.get('host', self.host))}:{state['mlflow_port']}"
 
+    def client_env(self, *, local: bool = False) -> Dict[str, str]:
+        """The secrets a client needs, as environment variables: the sweep's storage URL
+        (:data:`STORAGE_ENV`) and, with ``auth``, MLflow's credentials. Never put them on a
+        command line: every local user reads those with ``ps``."""
+        state = self.load_state()
+        env = {STORAGE_ENV: self.storage_url(local=local)} if state.get("password") and state.get("pg_port") else {}
+        if state.get("auth"):
+            env.update(MLFLOW_TRACKING_USERNAME=AUTH_USER, MLFLOW_TRACKING_PASSWORD=state["mlflow_password"])
+        return env
+
     # ------------------------------------------------------------------ status
     def _pg_running(self, state: Dict[str, Any]) -> Optional[int]:
         """The postmaster's pid when this folder's cluster runs."""
@@ -294,13 +331,15 @@ class Services:
                        "artifacts": str(self.artifacts), "log": str(self.mlflow_log)},
         }
         if state.get("password") and state.get("pg_port"):
-            out["storage_url"] = self.storage_url()
+            out["storage_url"] = self.storage_url().replace(state["password"], "***")  # `env` prints the secrets
         if state.get("mlflow_port"):
             out["tracking_uri"] = self.tracking_uri
+        out["auth"] = bool(state.get("auth"))
         return out
 
     # ------------------------------------------------------------------ start
-    def start(self) -> Dict[str, Any]:
+    def start(self, mlflow: bool = True) -> Dict[str, Any]:
+        """Start PostgreSQL and (``mlflow``) the MLflow server; report what runs."""
         bin_dir = find_pg_bin()
         if bin_dir is None:
             raise PostgresMissing(
@@ -312,6 +351,7 @@ class Services:
             state.setdefault("password", secrets.token_urlsafe(18))
             if self.host != LOOPBACK or not state.get("host"):  # else the last start's listen address
                 state["host"] = self.host
+            self._check_auth(state)
             state["pg_bin"] = str(bin_dir)
             pg_pid = self._pg_running(state)
             if not pg_pid:
@@ -324,6 +364,11 @@ class Services:
             if not pg_pid:
                 self._start_postgres(bin_dir, state, runas)
             self._ensure_databases(bin_dir, state)
+            if not mlflow:
+                return self.status()
+            running = self._mlflow_pid()
+            if running and state.get("auth") and "basic-auth" not in cmdline(running):
+                self._stop_mlflow()  # started without authentication: start it again with
             if not self._mlflow_pid():
                 self.mlflow_pid_file.unlink(missing_ok=True)
                 state["mlflow_port"] = self._choose_port(self.mlflow_port, state.get("mlflow_port"), state["host"],
@@ -335,6 +380,18 @@ class Services:
                                     f"{self._local_tracking_uri(state)}/health; log {self.mlflow_log}:\n"
                                     + log_tail(self.mlflow_log))
         return self.status()
+
+    def _check_auth(self, state: Dict[str, Any]) -> None:
+        """Authentication is on (credentials generated once), or the servers listen on loopback."""
+        if self.auth:
+            state["auth"] = True
+        if state.get("auth"):
+            state.setdefault("mlflow_password", secrets.token_urlsafe(18))
+            state.setdefault("flask_secret", secrets.token_urlsafe(32))
+        elif not is_loopback(state["host"]):
+            raise UnsafeHost(f"--host {state['host']} lets other machines reach the MLflow server, which has no "
+                             "authentication: add --auth (MLflow's basic-auth app; the launcher generates the "
+                             "password, `python -m grafccsr.services env` prints it for the clients)")
 
     def _choose_port(self, wanted: Optional[int], previous: Optional[int], host: str,
                      avoid: Sequence[int] = ()) -> int:
@@ -445,8 +502,11 @@ class Services:
                "--backend-store-uri", f"postgresql+psycopg2://{PG_ROLE}@{local_host(state['host'])}:{state['pg_port']}/{MLFLOW_DB}",
                "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
                "--host", state["host"], "--port", str(state["mlflow_port"]), "--workers", str(self.mlflow_workers)]
-        if self.allowed_hosts:
-            cmd += ["--allowed-hosts", self.allowed_hosts]
+        if state.get("auth"):
+            cmd += ["--app-name", "basic-auth"]
+        allowed = self.allowed_hosts or _reachable_names(state["host"])
+        if allowed:
+            cmd += ["--allowed-hosts", allowed]
         return cmd
 
     def _start_mlflow(self, state: Dict[str, Any]) -> None:
@@ -454,7 +514,7 @@ class Services:
         # the password reaches the server through libpq's environment, not its (world-readable) command line
         # MLflow's job runner (8 huey consumer processes for GenAI features) is not needed here
         env = dict(os.environ, PGPASSWORD=state["password"], MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="1",
-                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **self._auth_env(state))
         with open(self.mlflow_log, "ab") as log:
             proc = subprocess.Popen(self._mlflow_command(state), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=str(self.mlflow_dir))
@@ -464,6 +524,22 @@ class Services:
             raise ServicesError(f"the MLflow server did not come up on {self._local_tracking_uri(state)} "
                                 f"within {MLFLOW_START_TIMEOUT_S:.0f} s; log {self.mlflow_log}:\n"
                                 + log_tail(self.mlflow_log))
+
+    def _auth_env(self, state: Dict[str, Any]) -> Dict[str, str]:
+        """The basic-auth app's settings: its configuration file (no secret in it: users in a SQLite
+        file beside it, no permission for anyone but the admin) and, through the server's
+        environment, the admin password and the session secret."""
+        if not state.get("auth"):
+            return {}
+        config = self.mlflow_dir / "basic_auth.ini"
+        text = ("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                f"database_uri = sqlite:///{self.mlflow_dir / 'basic_auth.db'}\nadmin_username = {AUTH_USER}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": state["mlflow_password"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": state["flask_secret"]}
 
     def _wait_healthy(self, state: Dict[str, Any], timeout_s: float, proc=None) -> bool:
         uri = self._local_tracking_uri(state)
@@ -477,6 +553,11 @@ class Services:
         return False
 
     # ------------------------------------------------------------------ stop
+    def stop_postgres(self) -> bool:
+        """Stop this folder's PostgreSQL alone (fast shutdown), as a crash or maintenance would."""
+        with self._locked():
+            return self._stop_postgres(self.load_state())
+
     def stop(self, purge: bool = False) -> Dict[str, Any]:
         """Stop this folder's MLflow server and PostgreSQL (stale pid files are just removed);
         ``purge`` also deletes the folder (databases and artifacts)."""
@@ -520,6 +601,20 @@ class Services:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         return True
+
+
+def _reachable_names(listen: str) -> Optional[str]:
+    """``--allowed-hosts`` for a server other machines reach: MLflow's defaults (loopback and
+    private addresses) plus this machine's names, which clients use (the printed URIs carry
+    ``socket.gethostname()``); MLflow refuses other Host headers (DNS rebinding protection).
+    None on loopback: MLflow's defaults."""
+    if is_loopback(listen):
+        return None
+    names = {socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1"}
+    if listen not in WILDCARDS:
+        names.add(listen)
+    private = ["10.*", "192.168.*", *[f"172.{i}.*" for i in range(16, 32)]]
+    return ",".join([*sorted(n for name in names for n in (name, f"{name}:*")), *private])
 
 
 def _kill_group(pid: int, grace_s: float) -> None:

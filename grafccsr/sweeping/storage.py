@@ -19,7 +19,39 @@ except ImportError:  # Windows: the study lock is then a thread lock only
     fcntl = None
 
 SQLITE_BUSY_TIMEOUT_S = 60
+PG_CONNECT_TIMEOUT_S = 10
+"""A PostgreSQL server that does not answer a connection within this is lost (libpq waits forever)."""
 JOURNAL_PREFIX = "journal:"
+
+
+class StorageUnavailable(SpecError):
+    """The storage does not answer: at start a bad argument (exit 2); during a sweep, lost."""
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """A database that stopped answering: Optuna's wrapper of a database error, SQLAlchemy's own
+    (a dropped connection), or the study lock's."""
+    if isinstance(err, StorageUnavailable):
+        return True
+    import optuna
+    import sqlalchemy
+
+    return isinstance(err, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError,
+                            sqlalchemy.exc.InterfaceError))
+
+
+def storage_cause(err: BaseException) -> str:
+    """A lost storage's cause in one line (the driver's message, without the SQL)."""
+    inner = err
+    while inner.__cause__ is not None or getattr(inner, "orig", None) is not None:
+        inner = getattr(inner, "orig", None) or inner.__cause__
+    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(inner).__name__
+
+
+def has_password(url: str) -> bool:
+    """A URL with ``user:password@``."""
+    return redact(url) != url
 
 
 def default_storage_url() -> str:
@@ -77,6 +109,8 @@ def make_storage(url: str, heartbeat_interval_s: Optional[int] = None, grace_per
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True
+        if is_postgres(url):
+            engine_kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
     kwargs = {}
     if heartbeat_interval_s:
         kwargs.update(heartbeat_interval=int(heartbeat_interval_s),
@@ -126,7 +160,8 @@ class StudyLock:
         import sqlalchemy
 
         if self._pg_engine is None:
-            self._pg_engine = sqlalchemy.create_engine(self._pg_url, poolclass=sqlalchemy.pool.NullPool)
+            self._pg_engine = sqlalchemy.create_engine(self._pg_url, poolclass=sqlalchemy.pool.NullPool,
+                                                       connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
         for attempt in (0, 1):  # a connection dropped since the last use (server restart): reconnect once
             try:
                 if self._pg_conn is None:
@@ -137,8 +172,8 @@ class StudyLock:
                 self._pg_close()
                 if attempt:
                     detail = str(getattr(err, "orig", err)).strip().splitlines()
-                    raise SpecError(f"storage {redact(self._pg_url)}: cannot connect "
-                                    f"({detail[0] if detail else type(err).__name__})") from None
+                    raise StorageUnavailable(f"storage {redact(self._pg_url)}: cannot connect "
+                                             f"({detail[0] if detail else type(err).__name__})") from None
 
     def _pg_unlock(self) -> None:
         import sqlalchemy

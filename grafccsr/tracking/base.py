@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from grafccsr.config import TrackingConfig
 
@@ -37,8 +37,18 @@ class Tracker:
     def log_checkpoint(self, path: Path, iteration: int) -> None:
         """Upload a checkpoint so that another machine can evaluate or resume the run."""
 
+    def describe(self, summary: Mapping[str, Any], command: str, files: Sequence[str] = ()) -> None:
+        """The run's description from its ``metrics.json`` summary, its command line and its
+        uploaded ``files`` (artifact paths): what the UI shows above its metrics and params
+        (:func:`grafccsr.tracking.ui.run_note`)."""
+
     def end(self, status: str) -> None:
         """``status`` is FINISHED, FAILED or KILLED."""
+
+    def report(self) -> Optional[Dict[str, Any]]:
+        """How the tracking went (for ``metrics.json``): None without a server, else whether and
+        from which iteration it was lost, and what was not sent."""
+        return None
 
 
 def build_tracker(cfg: TrackingConfig, run_name: str, resume_run_id: Optional[str] = None,

@@ -3,6 +3,7 @@ Light (no mlflow import), for everything that only needs to name a store or a ru
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
@@ -36,3 +37,17 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     the model-training view."""
     base = uri.rstrip("/") if is_server(uri) else LOCAL_UI
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def http_settings(request_timeout_s: int, request_retries: int) -> dict:
+    """MLflow's HTTP client settings (environment variables it reads at every request) that
+    bound each call to a tracking server: ``(retries + 1) x timeout`` plus 1 + 2 + ... s of
+    back-off (and up to 1 s of jitter per retry)."""
+    return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(request_timeout_s)),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(request_retries)),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def apply_http_settings(request_timeout_s: int, request_retries: int) -> None:
+    """Bound every MLflow HTTP call of this process (and of the processes it starts)."""
+    os.environ.update(http_settings(request_timeout_s, request_retries))

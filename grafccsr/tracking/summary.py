@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict
+
+from grafccsr.tracking.files import write_atomic
 
 METRICS_FILE = "metrics.json"
 
 
 def write_summary(output_dir: Path, summary: Dict[str, Any]) -> Path:
-    path = Path(output_dir) / METRICS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+    """Written whole or not at all; a full disk raises :class:`~grafccsr.tracking.files.WriteFailed`."""
+    text = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+    return write_atomic(Path(output_dir) / METRICS_FILE, lambda fh: fh.write(text))
 
 
 def read_summary(output_dir: Path) -> Dict[str, Any]:

@@ -18,10 +18,15 @@ EXIT_OOM = 3
 EXIT_NONFINITE = 4
 EXIT_DATA = 5
 """The dataset could not be read: nothing started."""
+EXIT_DISK = 6
+"""A run file (checkpoint, ``metrics.json``, samples) could not be written: disk full, a file-size
+limit, a read-only or refusing file system. The last complete checkpoint is kept."""
+EXIT_STORAGE_LOST = 7
+"""The sweep's Optuna storage (database) stopped answering; the study keeps what it had stored."""
 EXIT_INTERRUPTED = 130
 
 REASON_BY_EXIT = {EXIT_ERROR: "error", EXIT_CONFIG: "config", EXIT_OOM: "oom", EXIT_NONFINITE: "nonfinite",
-                  EXIT_DATA: "data", EXIT_INTERRUPTED: "interrupted"}
+                  EXIT_DATA: "data", EXIT_DISK: "disk", EXIT_INTERRUPTED: "interrupted"}
 """``reason`` of a run (``metrics.json``, MLflow tag ``failure_reason``) by exit code."""
 
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
@@ -32,7 +37,7 @@ class RunResult:
     status: str
     """FINISHED | FAILED | KILLED."""
     reason: Optional[str]
-    """None | oom | nonfinite | interrupted | error."""
+    """None | oom | nonfinite | disk | interrupted | error."""
     exit_code: int
     summary: Dict[str, Any] = field(default_factory=dict)
 
