@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.install-stamp
 
 ARGS   ?=
-STUDY  ?= memory_quality
+STUDY  ?=
 TRIALS ?=
 WORKERS ?= 1
 DEVICE ?= cpu
@@ -21,7 +21,8 @@ PORT   ?= 5000
 help: ## list the targets
 	@if [ -t 1 ]; then c='\033[36m'; r='\033[0m'; else c=''; r=''; fi; \
 	awk -v c="$$c" -v r="$$r" 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %s%-11s%s %s\n", c, $$1, r, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: ARGS='overrides and flags'  STUDY=smoke|memory_quality  TRIALS=N  WORKERS=N  DEVICE=cpu|cuda"
+	@echo "  variables: ARGS='overrides and flags'  STUDY=name|file (sweep; default: memory_quality with CUDA, else"
+	@echo "             memory_quality_cpu)  TRIALS=N  WORKERS=N  DEVICE=cpu|cuda"
 	@echo "             NAME=experiment-or-study (report)  PORT=N (ui, default 5000)  NPROC=N (train-ddp, default 2)"
 
 $(STAMP): pyproject.toml
@@ -47,8 +48,8 @@ train-ddp: install ## torchrun: NPROC ranks on this machine (CPU: add train.devi
 smoke: install ## a seconds-long end-to-end training run
 	$(PY) -m grafccsr.train +exp=smoke $(ARGS)
 
-sweep: install ## Optuna study: STUDY=smoke|memory_quality TRIALS=N WORKERS=N
-	$(PY) -m grafccsr.sweep sweeps/$(STUDY).yaml $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS) $(ARGS)
+sweep: install ## Optuna study that fits this machine, or STUDY=smoke|memory_quality|memory_quality_cpu TRIALS=N WORKERS=N
+	$(PY) -m grafccsr.sweep $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS) $(ARGS)
 
 .PHONY: services services-stop
 services: install ## local PostgreSQL + MLflow server in .services/ (prints --storage and tracking.uri; idempotent)
@@ -93,8 +94,8 @@ gpu-wheels: install ## .whl/ for a bare GPU machine: hydra, pytest and their pur
 		$$($(PY) -m pip freeze | grep -i -E '^(pyyaml|numpy)==')
 	ls .whl
 
-dashboard: install ## Optuna dashboard on sweeps/optuna.db (needs: .venv/bin/pip install optuna-dashboard)
-	$(VENV)/bin/optuna-dashboard sqlite:///$(CURDIR)/sweeps/optuna.db --port 8080
+dashboard: install ## Optuna dashboard on 127.0.0.1:8080: sweeps/optuna.db or $GRAFCCSR_STORAGE; ARGS='--storage services --port N'
+	$(PY) -m grafccsr.cli.dashboard $(ARGS)
 
 ui: install ## MLflow UI on the project's store (sqlite:///mlflow.db)
 	@echo "open http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning (MLflow's model-training view)"

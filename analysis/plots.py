@@ -9,6 +9,8 @@ axis label.
 
 from __future__ import annotations
 
+import textwrap
+
 import math
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -60,7 +62,7 @@ def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # titles, legends and labels never cut off
     _plt().close(fig)
     return path
 
@@ -126,7 +128,7 @@ def plot_memory_vs_quality(
             ax.axvline(memory_budget_mb, c="tab:gray", ls="--", lw=1, label=f"budget {memory_budget_mb:g} MiB")
         ax.set_xlabel(memory_label(measure, x))
         ax.set_ylabel(f"{quality_label(y)}{'; lower is better' if directions[1] == 'minimize' else ''}")
-        ax.set_title(f"{title}\n{devices_text(g)}", fontsize=10)
+        ax.set_title(textwrap.fill(f"{title}", 70) + f"\n{devices_text(g)}", fontsize=10)
         ax.grid(alpha=0.3)
         if n_failed:
             ax.plot([], [], " ", label=f"{n_failed} run(s) without {y} not shown")
@@ -173,7 +175,7 @@ def plot_memory_vs_batch(df: pd.DataFrame, path: Path, y: str = "peak_memory_mb"
         ax.set_xticklabels([f"{b:g}" for b in sizes])
         ax.set_xlabel("batch size (images per optimiser step)")
         ax.set_ylabel(memory_label(measure, y))
-        ax.set_title(f"{title}\n{devices_text(g)}", fontsize=10)
+        ax.set_title(textwrap.fill(f"{title}", 70) + f"\n{devices_text(g)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -214,7 +216,7 @@ def plot_throughput_vs_memory(df: pd.DataFrame, path: Path, x: str = "peak_memor
             ax.plot([], [], " ", label=note)
         ax.set_xlabel(memory_label(measure, x))
         ax.set_ylabel("training iterations per second (it/s)")
-        ax.set_title(f"{title}\n{devices_text(g)}", fontsize=10)
+        ax.set_title(textwrap.fill(f"{title}", 70) + f"\n{devices_text(g)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)

@@ -16,8 +16,10 @@ phase); any other experiment gets the generic report (memory vs FID with its fro
 feature extractor; memory vs batch size, throughput vs memory, quality curves, memory per phase).
 
 The report is logged to MLflow once per name and updated by later calls: under ``report/`` of
-the sweep's parent run, or in the experiment's one run tagged ``analysis_report=true`` (the
-loaders skip such runs), created by the first call.
+the sweep's parent run, or in the MLflow experiment ``reports`` (:data:`REPORTS_EXPERIMENT`),
+apart from the training runs, as its one run named after the report and tagged
+``report_of=<name>`` and ``analysis_report=true`` (the loaders skip such runs), created by the
+first call.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ from analysis.render import Report, render_html, render_markdown
 from analysis.runs import REPORT_TAG, all_experiments, client, redact, resolve_tracking_uri, search_runs, tag_filter
 from analysis.sections import build_ablation, build_experiment, build_sweep
 from analysis.studies import find_sweep_parent, study_names
+from grafccsr.paths import program_name
 from grafccsr.sweeping.storage import resolve_storage_url
 
 KINDS = ("auto", "ablation", "sweep", "experiment")
-REPORT_RUN_NAME = "report"
+REPORTS_EXPERIMENT = "reports"
+"""The MLflow experiment holding the reports (one run per reported experiment), so that the
+runs table of an experiment lists its training runs only."""
+REPORT_OF_TAG = "report_of"
 
 
 def detect_kind(name: str, uri: Optional[str] = None, storage: Optional[str] = None) -> str:
@@ -54,20 +60,48 @@ def detect_kind(name: str, uri: Optional[str] = None, storage: Optional[str] = N
                       f"{redact(resolve_tracking_uri(uri))} (experiments: {names or 'none'})")
 
 
-def report_run_id(cl, experiment_id: str) -> str:
-    """The experiment's report run: the latest run tagged ``analysis_report=true``, else a new one."""
-    found = search_runs(cl, [experiment_id], tag_filter({REPORT_TAG: "true"}))
+def reports_experiment_id(cl, uri: Optional[str]) -> str:
+    """:data:`REPORTS_EXPERIMENT`'s id; created (race-free) as a model-training experiment with
+    its artifacts beside a local store's training runs."""
+    from mlflow.exceptions import MlflowException
+
+    from grafccsr.tracking.store import artifact_root_for
+
+    exp = cl.get_experiment_by_name(REPORTS_EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    tags = {"mlflow.experimentKind": "custom_model_development",
+            "mlflow.note.content": "Reports of `make report` (`python -m analysis.report`): one run per reported "
+                                   "experiment, its files under report/."}
+    try:
+        return cl.create_experiment(REPORTS_EXPERIMENT, artifact_location=artifact_root_for(resolve_tracking_uri(uri)),
+                                    tags=tags)
+    except MlflowException:  # created meanwhile by another report
+        exp = cl.get_experiment_by_name(REPORTS_EXPERIMENT)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def report_run_id(cl, name: str, reported_experiment_id: str, uri: Optional[str] = None) -> str:
+    """The report run of experiment ``name`` in :data:`REPORTS_EXPERIMENT`: the latest one tagged
+    ``report_of=<name>``, else a new one, named ``name``, whose description links the runs."""
+    experiment_id = reports_experiment_id(cl, uri)
+    found = search_runs(cl, [experiment_id], tag_filter({REPORT_OF_TAG: name, REPORT_TAG: "true"}))
     if found:
         return found[-1].info.run_id
-    run = cl.create_run(experiment_id, run_name=REPORT_RUN_NAME,
-                        tags={REPORT_TAG: "true", "mlflow.runName": REPORT_RUN_NAME})
+    note = f"Report of the MLflow experiment [{name}](#/experiments/{reported_experiment_id}/runs): files under report/."
+    run = cl.create_run(experiment_id, run_name=name,
+                        tags={REPORT_TAG: "true", REPORT_OF_TAG: name, "report_of_experiment_id": reported_experiment_id,
+                              "mlflow.runName": name, "mlflow.note.content": note})
     return run.info.run_id
 
 
 def log_to_mlflow(report: Report, uri: Optional[str]) -> Optional[str]:
     """Sweep: artifacts under ``report/`` of the parent run. Otherwise the experiment's report run
-    (:func:`report_run_id`), its ``report/`` artifacts re-logged (same names overwritten) and
-    its tags updated. Returns the run id (None when there is no experiment of that name)."""
+    in :data:`REPORTS_EXPERIMENT` (:func:`report_run_id`), its ``report/`` artifacts re-logged
+    (same names overwritten) and its tags updated. Returns the run id (None when there is no
+    experiment of that name)."""
     cl = client(uri)
     parent = report.meta.get("parent_run_id")
     if report.kind == "sweep" and parent:
@@ -76,7 +110,7 @@ def log_to_mlflow(report: Report, uri: Optional[str]) -> Optional[str]:
     exp = cl.get_experiment_by_name(report.name)
     if exp is None:
         return None
-    run_id = report_run_id(cl, exp.experiment_id)
+    run_id = report_run_id(cl, report.name, exp.experiment_id, uri)
     cl.set_tag(run_id, "report_kind", report.kind)
     if report.meta.get("batch"):
         cl.set_tag(run_id, "ablation_batch_reported", str(report.meta["batch"]))
@@ -133,7 +167,7 @@ def _print_summary(report: Report, md: Path, page: Path) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis.report",
+    p = argparse.ArgumentParser(prog=program_name("python -m analysis.report"),
                                 description="Write reports/<name>/report.md (+ HTML, PNGs) from MLflow runs.")
     p.add_argument("--name", default="grafccsr", help="MLflow experiment or Optuna study name (default grafccsr)")
     p.add_argument("--tracking-uri", default=None,

@@ -22,7 +22,12 @@ Quality columns carry their feature extractor in the name, as the training run l
 (:func:`grafccsr.metrics.metric_key`): ``fid_rf``, ``kid_rf_mean``, ``kid_rf_std`` (offline
 random features, from ``eval/fid_rf`` ...) and ``fid``, ``kid_mean``, ``kid_std``
 (torch-fidelity's Inception, from ``eval/fid`` ...). A column never holds two extractors'
-numbers, so a plot or table of one column compares like with like.
+numbers, so a plot or table of one column compares like with like. Beside them, the
+pose-matched scores on held-out views (``data.holdout``; higher is better): ``view_psnr``,
+``view_ssim``, ``view_iou`` (mean over latent codes) and ``view_psnr_best``, ``view_ssim_best``,
+``view_iou_best`` (each class's best code), from ``eval/view_*``; per class they stay in
+``metrics.view_psnr/<class>`` (``metrics.eval/view_psnr/<class>`` in runs logged before the keys
+were grouped for MLflow's UI, :mod:`grafccsr.tracking.ui`).
 
 Every read goes through an ``MlflowClient`` on the tracking URI (a local SQLite file or an
 ``http(s)://`` tracking server alike); Optuna studies are read by :mod:`analysis.studies`.
@@ -37,6 +42,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import pandas as pd
 
 from grafccsr.metrics import INCEPTION, METRIC_NAMES, RANDOM_FEATURES, metric_key
+from grafccsr.metrics.keys import VIEW_COLUMNS
 from grafccsr.paths import PROJECT_ROOT, default_tracking_uri
 from grafccsr.sweeping.storage import redact, resolve_storage_url
 
@@ -84,6 +90,9 @@ _DERIVED = {
     "amp_policy": ("params.train.amp.policy",),
     "amp_dtype": ("params.train.amp.dtype",),
     "max_iters": ("params.train.max_iters",),
+    "eval_samples": ("params.eval.num_samples",),
+    "eval_resolution": ("params.eval.resolution",),
+    "image_size": ("params.data.image_size",),
     "ccsr_mode": ("params.model.ccsr.mode",),
     "track_peak_every": ("params.memory.track_peak_every",),
     # the training step's peak (d_step, g_step); runs before that metric existed: the run maximum
@@ -92,6 +101,7 @@ _DERIVED = {
     "peak_live_tensors_mb": ("metrics.mem/train_peak_live_tensors_mb", "metrics.mem/peak_live_tensors_mb"),
     "process_peak_rss_mb": ("metrics.mem/process_peak_rss_mb",),
     **{col: (f"metrics.eval/{col}",) for col in _QUALITY_OF},
+    **{col: (f"metrics.eval/{col}",) for col in VIEW_COLUMNS},
     # the loop logs the run's average over all timed iterations as the last value
     "it_per_s": ("metrics.perf/it_per_s",),
     "rays_per_s": ("metrics.perf/rays_per_s",),
@@ -237,6 +247,16 @@ def _last_step(run) -> Optional[int]:
     return max(steps) if steps else None
 
 
+def _data_digest(run) -> Optional[str]:
+    """The fingerprint of the dataset the run logged as its input (None before runs logged one)."""
+    inputs = getattr(run, "inputs", None)
+    for item in getattr(inputs, "dataset_inputs", None) or []:
+        digest = getattr(getattr(item, "dataset", None), "digest", None)
+        if digest:
+            return digest
+    return None
+
+
 def runs_to_frame(runs: Sequence[Any], experiment_names: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
     """MLflow ``Run`` objects as a typed DataFrame (see the module docstring for columns)."""
     rows = []
@@ -252,13 +272,14 @@ def runs_to_frame(runs: Sequence[Any], experiment_names: Optional[Mapping[str, s
             "end_time": info.end_time,
             "parent_run_id": data.tags.get("mlflow.parentRunId"),
             "last_step": _last_step(run),
+            "data_digest": _data_digest(run),
         }
         row.update({f"params.{k}": v for k, v in data.params.items()})
         row.update({f"metrics.{k}": float(v) for k, v in data.metrics.items()})
         row.update({f"tags.{k}": v for k, v in data.tags.items()})
         rows.append(row)
     base = ["run_id", "run_name", "experiment_id", "experiment", "status", "start_time", "end_time", "parent_run_id",
-            "last_step"]
+            "last_step", "data_digest"]
     df = pd.DataFrame(rows, columns=None if rows else base)
     for col in ("start_time", "end_time"):
         df[col] = pd.to_datetime(df[col], unit="ms", utc=True) if len(df) else pd.Series(dtype="datetime64[ns, UTC]")
@@ -297,9 +318,11 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
     for name, sources in _DERIVED.items():
         col = next((s for s in sources if s in df.columns), name if name in df.columns else None)
         new[name] = df[col] if col is not None else _untyped(name, n, idx)
-    for col in _QUALITY_OF:
+    for col in (*_QUALITY_OF, *VIEW_COLUMNS):
         new[col] = pd.to_numeric(new[col], errors="coerce").astype("float64")
     _separate_legacy_quality(new)
+    resolution = pd.to_numeric(new["eval_resolution"], errors="coerce")  # 0: the data's image size
+    new["eval_resolution"] = resolution.where(resolution > 0, pd.to_numeric(new["image_size"], errors="coerce"))
     reason = next((df[c] for c in ("tags.failure_reason", "failure_reason") if c in df.columns),
                   pd.Series([None] * n, index=idx, dtype=object))
     new["failure_reason"] = reason.astype(object).where(reason.notna() & (reason != ""), None)

@@ -18,6 +18,8 @@ from analysis.pareto import pareto_front
 from analysis.render import Report, fmt, frame_markdown, frame_text
 from analysis.runs import (MIN_TIMED_ITERATIONS, QUALITY_COLUMNS, extractor_of, load_runs, measured_throughput,
                            metric_histories, quality_label, quality_present)
+
+QUALITY_OF = {col for cols in QUALITY_COLUMNS.values() for col in cols}
 from analysis.studies import load_sweep
 
 CURVE_RUNS = 8
@@ -111,8 +113,39 @@ def _front_columns(df: pd.DataFrame, metrics: Sequence[str]) -> List[str]:
     return [*base, *searched, *shown, "pareto_status", "run_id"]
 
 
+COMPARABLE = ("data_digest", "eval_resolution", "eval_samples")
+"""FIDs and KIDs compare only between runs scored on the same data (its fingerprint), at the same
+image size and with the same number of fakes; each such group gets fronts of its own."""
+
+
+def comparable_groups(df: pd.DataFrame, metrics: Sequence[str]) -> List[Tuple[str, pd.DataFrame]]:
+    """(label, runs) of each group of runs whose ``metrics`` can share a front: one group when no
+    quality metric is among them, else one per (data fingerprint, evaluated size, fakes) with a
+    run that has every metric. Runs lacking a column's value form a group of their own."""
+    keys = [k for k in COMPARABLE if k in df.columns]
+    scored = [m for m in metrics if m in QUALITY_OF or m.startswith("view_")]
+    if not keys or not scored or df.empty:
+        return [("", df)]
+    values = df[keys].astype(object).where(df[keys].notna(), None)
+    groups = []
+    for key, sub in df.groupby([values[k].map(str) for k in keys], sort=False):
+        if not sub[list(metrics)].notna().all(axis=1).any():
+            continue
+        digest, size, fakes = (dict(zip(keys, key)).get(k, "None") for k in COMPARABLE)
+        groups.append((f"data {digest[:10] if digest != 'None' else 'unknown'}, {_num(size)} px, "
+                       f"{_num(fakes)} fakes", sub))
+    return groups or [("", df)]
+
+
+def _num(text: str) -> str:
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return "?"
+
+
 def _front_section(report: Report, df: pd.DataFrame, objectives: Objectives, suffix: str,
-                   feasible: Optional[str], budget: Optional[float]) -> pd.DataFrame:
+                   feasible: Optional[str], budget: Optional[float], group: str = "") -> pd.DataFrame:
     """One Pareto front: CSV, table and plot; returns the front's rows (columns renamed)."""
     metrics, directions = objectives
     ranked = pareto_front(df, metrics, directions, feasible=feasible, memory_budget_mb=budget)
@@ -126,10 +159,13 @@ def _front_section(report: Report, df: pd.DataFrame, objectives: Objectives, suf
     text = (f"Objectives: {', '.join(f'{label} ({d})' for label, d in zip(labels, directions))}. Front computed "
             f"among finished, feasible runs with every objective measured; {n_failed} run(s) failed or lack an "
             f"objective.")
+    where = f" ({group})" if group else ""
+    if group:
+        text += f" Only runs scored on the same data, image size and number of fakes share a front: {group}."
     plot = plots.plot_memory_vs_quality(df, report.out_dir / f"pareto{suffix}.png", x=metrics[0], y=metrics[1],
                                         directions=directions[:2], feasible=feasible, memory_budget_mb=budget,
-                                        label_col="label", title=f"{report.name}: {labels[0]} vs {labels[1]}")
-    report.add(f"Pareto front: {labels[0]} vs {labels[1]}", text,
+                                        label_col="label", title=f"{report.name}: {labels[0]} vs {labels[1]}{where}")
+    report.add(f"Pareto front: {labels[0]} vs {labels[1]}{where}", text,
                md_table=frame_markdown(front) if len(front) else "_(empty front)_", images=[plot])
     return front
 
@@ -165,8 +201,12 @@ def build_frontier(report: Report, df: pd.DataFrame, objectives: Sequence[Dict[s
     sets = _objective_sets(df, objectives)
     report.meta.update(device=devices(df), runs=status_counts(df), objectives="; ".join(
         ", ".join(f"{m} ({d})" for m, d in zip(*s)) for s in sets))
-    fronts = [(s, _front_section(report, df, s, "" if len(sets) == 1 else f"_{s[0][1]}", feasible, memory_budget_mb))
-              for s in sets]
+    fronts = []
+    for s in sets:
+        groups = comparable_groups(df, s[0])
+        for k, (group, sub) in enumerate(groups):
+            suffix = ("" if len(sets) == 1 else f"_{s[0][1]}") + ("" if len(groups) == 1 else f"_{k + 1}")
+            fronts.append((s, _front_section(report, sub, s, suffix, feasible, memory_budget_mb, group)))
     if not sets:
         report.add("Pareto front", "No run has an FID (neither `fid_rf` nor `fid`): no quality front.")
     report.headline = "\n\n".join(f"{' vs '.join(s[0])}:\n" + (frame_text(f) if len(f) else "(empty front)")

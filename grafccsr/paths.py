@@ -7,6 +7,8 @@ stores go to the current directory.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
@@ -23,3 +25,10 @@ DATA_DIR = PROJECT_ROOT / "data"
 def default_tracking_uri() -> str:
     """MLflow's default store: ``sqlite:///<project>/mlflow.db`` (artifacts in ``mlartifacts/``)."""
     return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def program_name(prog: str) -> str:
+    """``prog`` ("python -m grafccsr.models") as the user invoked it: the console script's name
+    (``grafccsr-models``) when run as one, for usage lines and help texts."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return invoked if invoked.startswith("grafccsr-") else prog

@@ -95,7 +95,7 @@ def cpu_metrics(peak, it_per_s=2.0, fid=50.0, kid=0.05, phases=None, suffix="_rf
     phases = phases or {"d_step": peak * 0.9, "g_step": peak}
     out = {"mem/peak_live_tensors_mb": peak, "perf/it_per_s": it_per_s, f"eval/fid{suffix}": fid,
            f"eval/kid{suffix}_mean": kid, f"eval/kid{suffix}_std": kid / 10, "mem/process_peak_rss_mb": 1000.0,
-           "loss/d": 1.0, "loss/g": 2.0}
+           "train/loss_d": 1.0, "train/loss_g": 2.0}
     out.update({f"mem/{p}/peak_live_tensors_mb": v for p, v in phases.items()})
     return out
 
@@ -385,20 +385,23 @@ def test_ablation_cli_with_fake_runner(store, tmp_path):
     for png in ("ablation_changes.png", "memory_per_phase.png", "throughput_changes.png"):
         assert is_png(folder / png), png
     assert "data:image/png;base64," in (folder / "report.html").read_text()
-    rep = runs.load_runs(uri, experiments=["ablation-cpu"], include_reports=True)
-    assert (rep["tags.analysis_report"] == "true").sum() == 1          # logged, and skipped by default
-    assert len(runs.load_runs(uri, experiments=["ablation-cpu"])) == 3
+    # logged to the reports experiment, not among the training runs it reports on
+    assert len(runs.load_runs(uri, experiments=["ablation-cpu"], include_reports=True)) == 3
+    rep = runs.load_runs(uri, experiments=[report.REPORTS_EXPERIMENT], include_reports=True)
+    assert rep["tags.report_of"].tolist() == ["ablation-cpu"] and rep["run_name"].tolist() == ["ablation-cpu"]
+    assert runs.load_runs(uri, experiments=[report.REPORTS_EXPERIMENT]).empty  # skipped by default
     # --dry-run prints, runs nothing
     assert launch.main(["--dry-run", "--preset", "gpu", "--items", "chunk"], runner=fake_runner) == 0
     assert len(calls) == 3
     # `make report` again (twice): the same report run is updated, no new one
-    first = rep.loc[rep["tags.analysis_report"] == "true", "run_id"].item()
+    first = rep["run_id"].item()
     (folder / "curves_gone.png").write_bytes(PNG)                   # a plot an earlier report drew
     for _ in range(2):
         again = report.write_report("ablation-cpu", uri=uri, out=out, quiet=True)
     assert again.meta["mlflow_report_run"] == first
-    rep = runs.load_runs(uri, experiments=["ablation-cpu"], include_reports=True)
-    assert rep["tags.analysis_report"].tolist().count("true") == 1 and rep["status"].eq("FINISHED").all()
+    rep = runs.load_runs(uri, experiments=[report.REPORTS_EXPERIMENT], include_reports=True)
+    assert rep["run_id"].tolist() == [first] and rep["status"].eq("FINISHED").all()
+    assert len(runs.load_runs(uri, experiments=["ablation-cpu"], include_reports=True)) == 3
     assert "report/report.md" in {f.path for f in cl.list_artifacts(first, "report")}
     assert not (folder / "curves_gone.png").exists() and is_png(folder / "ablation_changes.png")
 
@@ -465,6 +468,26 @@ def test_sweep_report_joins_trials_and_writes_files(store, smoke_params, tmp_pat
     assert "## FID (random features) over training" in text and "2 of 3 run(s) drawn" in text   # front: 0, 1, 3
 
 
+def test_experiment_report_never_puts_incomparable_fids_on_one_front(store, smoke_params, tmp_path):
+    """Runs scored with other sample counts, image sizes or data get fronts of their own: a 32 px
+    run with 16 fakes and a 64 px run with 256 fakes are never on one front (the smoke-vs-default
+    report that put them together)."""
+    uri, _, _ = store
+    small = {**smoke_params, "eval.num_samples": "16", "data.image_size": "32"}
+    large = {**smoke_params, "eval.num_samples": "256", "data.image_size": "64"}
+    for params, mem, fid in ((small, 3.0, 0.5), (small, 5.0, 0.3), (large, 100.0, 0.03), (large, 120.0, 0.02)):
+        log_run(store, "mixed", params, cpu_metrics(mem, fid=fid))
+    rep = report.write_report("mixed", uri=uri, out=tmp_path / "reports", quiet=True)
+    folder = tmp_path / "reports" / "mixed"
+    fronts = [pd.read_csv(folder / f"pareto_front_{k}.csv") for k in (1, 2)]
+    assert sorted(len(f) for f in fronts) == [2, 2]
+    for front in fronts:  # each front holds one kind only
+        assert front["fid_rf"].max() < 0.1 or front["fid_rf"].min() > 0.1
+    text = (folder / "report.md").read_text()
+    assert "32 px, 16 fakes" in text and "64 px, 256 fakes" in text
+    assert is_png(folder / "pareto_1.png") and is_png(folder / "pareto_2.png") and rep.kind == "experiment"
+
+
 def test_report_unknown_name(store, tmp_path):
     uri, _, _ = store
     assert report.main(["--name", "nope", "--tracking-uri", uri, "--storage", f"sqlite:///{tmp_path}/none.db",
@@ -497,12 +520,16 @@ def test_real_smoke_run_loads_and_reports(tmp_path):
     assert row["peak_memory_mb"] == pytest.approx(summary["peak_memory_mb"])
     assert row["peak_memory_measure"] == summary["peak_memory_measure"]
     assert row["iterations"] == summary["iteration"] == 4
-    assert runs.metric_history(row["run_id"], "loss/d", uri)["step"].tolist() == [1, 2, 3, 4]
+    assert runs.metric_history(row["run_id"], "train/loss_d", uri)["step"].tolist() == [1, 2, 3, 4]
     # log_every=1: one perf/it_per_s step per window with a timed iteration = the timed iterations
     timed_steps = runs.metric_history(row["run_id"], "perf/it_per_s", uri)["step"].nunique()
     assert row["timed_iterations"] == timed_steps == 1
     rep = report.write_report("real", uri=uri, out=tmp_path / "reports", quiet=True)
     assert rep.kind == "experiment"
+    # the report run is in the reports experiment: the training runs' table lists training runs only
+    assert len(runs.load_runs(uri, experiments=["real"], include_reports=True)) == 1
+    logged = runs.load_runs(uri, experiments=[report.REPORTS_EXPERIMENT], include_reports=True)
+    assert logged["run_id"].tolist() == [rep.meta["mlflow_report_run"]] and logged["tags.report_of"].item() == "real"
     for png in rep.images:
         assert is_png(png), png
     text = (tmp_path / "reports" / "real" / "report.md").read_text()

@@ -28,7 +28,8 @@ def test_default_has_no_exp_and_uses_embedded_data():
 
 def test_presets_set_what_they_claim():
     base = load_config(["+exp=baseline_fp32"]).memory
-    assert not (base.set_to_none or base.eager_free or base.fakes_without_graph or base.non_blocking)
+    assert not (base.set_to_none or base.eager_free or base.non_blocking)
+    assert base.fakes_without_graph  # graf_ccsr's own D step rendered its fakes under no_grad
     seed = load_config(["+exp=seed_all"])
     assert seed.memory.ccsr_no_grad and seed.train.amp.policy == "all" and seed.train.amp.dtype == "fp16"
     amp = load_config(["+exp=amp_bs8"])
@@ -178,3 +179,34 @@ def test_memory_lean_group_adds_checkpointing_to_the_defaults():
     assert lean.checkpoint_segment_points == lean.no_grad_segment_points == 4096
     assert (lean.set_to_none, lean.fakes_without_graph, lean.eager_free) == (
         default.set_to_none, default.fakes_without_graph, default.eager_free)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("exp=smoke", "exp is a preset group, appended with a '+': use +exp=smoke"),
+    ("+exp=smok", "did you mean 'exp=smoke'? (options: amp_bs8,"),
+    ("model=smal", "did you mean 'model=small'? (options: graf, small)"),
+    ("experiment=smoke", "presets are +exp=NAME (options: amp_bs8,"),
+    ("+experiment=smoke", "presets are +exp=NAME"),
+    ("trainer.max_steps=10", "grafccsr's key is train.max_iters"),
+    ("+trainer.max_steps=10", "trainer.max_steps is not a config key; grafccsr's key is train.max_iters"),
+    ("ckpt_path=runs/x", "grafccsr's key is resume"),
+    ("tags=[a]", "grafccsr's key is tracking.tags"),
+])
+def test_hydra_habits_get_a_one_line_hint(override, expected):
+    """What lightning-hydra-template users type first, and a missing '+' or a misspelt option,
+    name what grafccsr calls it (one line, listing a group's options)."""
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_stored_before_held_out_views_holds_none_out():
+    """A run from before ``data.holdout`` trained on every view: evaluating its checkpoint must not
+    call training views held out (the default holds every 8th azimuth out)."""
+    from grafccsr.config import from_dict, to_dict
+    from grafccsr.config.load import upgrade
+
+    stored = to_dict(load_config(["+exp=smoke"]))
+    del stored["data"]["holdout"]
+    assert from_dict(upgrade(stored)).data.holdout.every_k_azimuth == 0
+    assert load_config(["+exp=smoke"]).data.holdout.every_k_azimuth == 8

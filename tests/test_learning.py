@@ -16,7 +16,8 @@ from grafccsr.training.step import Batch
 ITERATIONS = 150
 
 
-@pytest.mark.parametrize("gamma, gap_opens", [(10.0, True), (1280.0, False)], ids=["graf_units", "pre_fix_weight"])
+@pytest.mark.parametrize("gamma, gap_opens", [(10.0, True), pytest.param(1280.0, False, marks=pytest.mark.slow)],
+                         ids=["graf_units", "pre_fix_weight"])
 def test_a_short_run_learns(gamma, gap_opens):
     """The default job's model, data and batch for 150 iterations (about 25 s on 2 cores).
 

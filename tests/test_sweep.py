@@ -88,6 +88,11 @@ FAKE_TRAINER = textwrap.dedent(r'''
         sys.exit(130)
     signal.signal(signal.SIGINT, on_sigint)
     time.sleep(float(get("fake.sleep", os.environ.get("FAKE_TRAINER_SLEEP", "0"))))
+    if get("fake.env") == "nocuda":  # what the trainer says on a machine without CUDA (exit 2)
+        print("grafccsr.train: error: train.device=cuda but CUDA is not available on this machine; use cpu",
+              file=sys.stderr); sys.exit(2)
+    if get("fake.env") == "nodata":  # a dataset that cannot be read (exit 5)
+        print("grafccsr.train: error: data: no images in /nowhere", file=sys.stderr); sys.exit(5)
     if get("fake.behave") == "config" or bs == 3:
         print("config error: train.batch_size=3 is not allowed here", file=sys.stderr); sys.exit(2)
     if get("fake.behave") == "crash" or bs == 5:
@@ -494,9 +499,208 @@ def test_cli_help_and_bad_file(tmp_path):
     assert out.returncode == 2 and "cannot connect" in out.stderr and "secret" not in out.stderr, out.stderr
 
 
+# --------------------------------------------------------------------------- failures every trial meets
+
+
+def test_a_failure_every_trial_meets_stops_the_sweep_and_spends_nothing(tmp_path, fake_trainer):
+    """A config error naming no searched key (here: no CUDA) stops the sweep after its first
+    trial, met as a user does (the CLI): one line, exit 2, the trial is not counted and is queued
+    again; the same command without the fault then runs the whole budget from 0, the failed
+    baseline first and not mistaken for a known failure."""
+    import optuna
+
+    from grafccsr.sweeping.driver import counts_toward_total
+
+    study = write_study(tmp_path, n_trials=4, trainer_cmd=fake_trainer,
+                        enqueue=[{"train.batch_size": 2, "model.render.samples_per_ray": 4}])
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    out = subprocess.run([sys.executable, "-m", "grafccsr.sweep", str(study), "--storage", url, "--tracking-uri",
+                          "none", "--runs-root", str(tmp_path / "runs"), "--workers", "2", "fake.env=nocuda"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, FAKE_TRAINER_SLEEP="0.5"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "CUDA is not available" in out.stderr, out.stderr
+    assert "not counted" in out.stderr and "Pareto front" not in out.stdout
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert not any(counts_toward_total(t) for t in trials), [(t.state, t.user_attrs) for t in trials]
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and failed[0].user_attrs["stopped_sweep"] and failed[0].user_attrs["failure_reason"] == "config"
+    assert len(failed) <= 2  # the first trial, and at most the one the second worker had started
+    waiting = [tuple(sorted(t.system_attrs["fixed_params"].items())) for t in trials if t.state.name == "WAITING"]
+    assert set(waiting) >= {params_key(t) for t in failed}  # queued again
+
+    again, lines = run(study, tmp_path, fake_trainer, workers=2)
+    assert any("0/4 trials counted so far" in ln for ln in lines), lines
+    assert again.stopped is None and len(again.launched) == 4
+    done = [t for t in again.study.trials if counts_toward_total(t)]
+    assert len(done) == 4 and all(t.state.name == "COMPLETE" for t in done)
+    assert {"train.batch_size": 2, "model.render.samples_per_ray": 4} in [t.params for t in done]
+
+
+def test_data_errors_and_a_trainer_that_cannot_start_stop_too(tmp_path, fake_trainer):
+    from grafccsr.sweeping.driver import main_exit_code
+
+    study = write_study(tmp_path, n_trials=3)
+    data, lines = run(study, tmp_path, fake_trainer, extra_overrides=["fake.env=nodata"])
+    assert data.stopped and main_exit_code(data) == 5 and "no images in /nowhere" in data.stopped
+    assert len(data.launched) == 1 and not any("Pareto" in ln for ln in lines)
+    missing, _ = run(write_study(tmp_path, name="m", n_trials=3), tmp_path, [str(tmp_path / "no-such-trainer")])
+    assert missing.stopped and main_exit_code(missing) == 2 and "could not start" in missing.stopped
+    assert missing.study.trials[0].user_attrs["failure_reason"] == "launch" and len(missing.launched) == 1
+    # the real trainer, a searched key it does not have: named in the message, yet every value fails
+    typo = write_study(tmp_path, name="typo", n_trials=2, base_overrides=["+exp=smoke", "train.device=cpu"],
+                       search_space={"train.batchsize": {"type": "categorical", "choices": [1, 2]}})
+    wrong_key, _ = run(typo, tmp_path, None)
+    assert wrong_key.stopped and "train.batchsize" in wrong_key.stopped and len(wrong_key.launched) == 1
+
+
+def test_a_cuda_study_is_refused_without_cuda_and_make_sweep_picks_the_cpu_one(tmp_path):
+    """Without CUDA (CUDA_VISIBLE_DEVICES='' makes any machine one): the GPU study is refused in
+    one line before anything is created, unless train.device=cpu says to run it here; with no
+    study named the CPU study runs, and the first line says which and why."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    base = [sys.executable, "-m", "grafccsr.sweep", "--storage", url, "--tracking-uri", "none",
+            "--runs-root", str(tmp_path / "runs"), "--trials", "0"]
+    refused = subprocess.run([*base, "memory_quality"], capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "no CUDA" in refused.stderr and "memory_quality_cpu" in refused.stderr and "train.device=cpu" in refused.stderr
+    assert refused.stdout == "" and not (tmp_path / "optuna.db").exists()
+    forced = subprocess.run([*base, "memory_quality", "train.device=cpu"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert forced.returncode == 0 and "study 'memory_quality'" in forced.stdout, forced.stderr
+    chosen = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    assert chosen.returncode == 0, chosen.stderr
+    first = chosen.stdout.splitlines()[0]
+    assert first.startswith("no study named: memory_quality_cpu") and "no CUDA" in first
+    assert "study 'memory_quality_cpu'" in chosen.stdout
+
+
+# --------------------------------------------------------------------------- fixed overrides
+
+
+def test_other_fixed_overrides_are_refused_or_go_to_a_new_study(tmp_path, fake_trainer):
+    import optuna
+
+    study = write_study(tmp_path, n_trials=2, trainer_cmd=fake_trainer)
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    first, _ = run(study, tmp_path, fake_trainer, extra_overrides=["train.max_iters=4"])
+    assert first.study.user_attrs["fixed_overrides"] == ["+exp=smoke", "train.max_iters=4"]
+    cli = [sys.executable, "-m", "grafccsr.sweep", str(study), "--storage", url, "--tracking-uri", "none",
+           "--runs-root", str(tmp_path / "runs"), "--trials", "4", "train.max_iters=8", "eval.num_samples=32"]
+    refused = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "train.max_iters=4 -> train.max_iters=8" in refused.stderr and "added eval.num_samples=32" in refused.stderr
+    assert "--new-study" in refused.stderr and "] start" not in refused.stdout
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 2
+
+    moved = subprocess.run([*cli, "--new-study"], capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 0, moved.stderr
+    name = next(s.study_name for s in optuna.get_all_study_summaries(url) if s.study_name.startswith("s-"))
+    assert f"these trials go to study {name!r}" in moved.stdout and moved.stdout.count("] start") == 4
+    assert optuna.load_study(study_name=name, storage=url).user_attrs["fixed_overrides"] == [
+        "+exp=smoke", "train.max_iters=8", "eval.num_samples=32"]
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 2  # untouched
+    resumed = subprocess.run([*cli, "--new-study"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0 and "4/4 trials counted" in resumed.stdout and "] start" not in resumed.stdout
+    same, _ = run(study, tmp_path, fake_trainer, extra_overrides=["train.max_iters=4"], n_trials=3)
+    assert same.launched == [2]  # the original overrides resume the original study
+
+
+def test_a_study_from_before_the_record_is_checked_against_its_trials(tmp_path, fake_trainer):
+    """A study whose trials ran before ``fixed_overrides`` was recorded: the trials' own overrides say."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    old = optuna.create_study(study_name="s", storage=url, directions=["minimize", "minimize"])
+    old.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, values=[1.0, 2.0], params={"train.batch_size": 2},
+        distributions={"train.batch_size": CategoricalDistribution([1, 2, 4, 8])},
+        user_attrs={"overrides": ["+exp=smoke", "train.max_iters=4", "train.batch_size=2"],
+                    "failure_reason": None}))
+    study = write_study(tmp_path, n_trials=2)
+    with pytest.raises(SpecError, match="train.max_iters=4 -> train.max_iters=6"):
+        run(study, tmp_path, fake_trainer, extra_overrides=["train.max_iters=6"])
+
+
+def test_no_waiting_for_this_process_own_trials(tmp_path, fake_trainer, monkeypatch):
+    """Two workers, the study's total reached while one trial is being recorded (a slow tell):
+    the other worker must not report it as another sweep process's trial."""
+    from grafccsr.sweeping.driver import Sweep
+
+    monkeypatch.setenv("FAKE_TRAINER_SLEEP", "0.5")
+
+    class SlowTell(Sweep):
+        def _tell(self, trial, values, state):
+            time.sleep(2.0)  # e.g. a slow MLflow server and database between closing and telling
+            super()._tell(trial, values, state)
+
+    lines = []
+    sweep = SlowTell(load_spec(write_study(tmp_path, n_trials=2)), storage=f"sqlite:///{tmp_path}/optuna.db",
+                     tracking_uri="none", runs_root=tmp_path / "runs", trainer_cmd=fake_trainer, workers=2,
+                     out=lines.append)
+    result = sweep.run()
+    assert len(result.launched) == 2
+    assert not any("waiting for trial" in ln for ln in lines), lines
+
+
+# --------------------------------------------------------------------------- shipped studies, dashboard
+
+
+def test_studies_are_found_by_name(tmp_path):
+    from grafccsr.sweeping.spec import STUDIES_DIR, find_study, shipped_studies
+
+    assert {"smoke", "memory_quality", "memory_quality_cpu", "occupancy"} <= set(shipped_studies())
+    assert find_study("smoke") == find_study("smoke.yaml") == STUDIES_DIR / "smoke.yaml"
+    own = write_study(tmp_path, name="smoke")  # a path wins over a name
+    assert find_study(own) == own
+    with pytest.raises(SpecError, match="shipped studies, by name: .*smoke"):
+        find_study(tmp_path / "sweeps" / "smoke.yaml")
+
+
+def test_dashboard_serves_the_sweeps_storage(tmp_path):
+    """grafccsr-dashboard opens the storage in its own process, on loopback, and answers
+    optuna-dashboard's API; a missing file and a public address are one line, exit 2."""
+    pytest.importorskip("optuna_dashboard")
+    import optuna
+    import urllib.request
+
+    from grafccsr.services.local import free_port
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(study_name="shown", storage=url, directions=["minimize"]).add_trial(
+        optuna.trial.create_trial(value=1.0))
+    cmd = [sys.executable, "-m", "grafccsr.cli.dashboard"]
+    missing = subprocess.run([*cmd, "--storage", f"sqlite:///{tmp_path}/none.db"], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "no sweep storage" in missing.stderr and not (tmp_path / "none.db").exists()
+    public = subprocess.run([*cmd, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert public.returncode == 2 and "ssh -L" in public.stderr and len(public.stderr.strip().splitlines()) == 1
+    port = free_port()
+    server = subprocess.Popen([*cmd, "--port", str(port)], env=dict(os.environ, GRAFCCSR_STORAGE=url),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as resp:
+                    studies = json.loads(resp.read())["study_summaries"]
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, server.communicate()[1]
+                time.sleep(0.3)
+        assert [s["study_name"] for s in studies] == ["shown"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and f"http://127.0.0.1:{port}/dashboard/" in out and "Traceback" not in err, err
+
+
 # --------------------------------------------------------------------------- real trainer, end to end
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_real_smoke_study(tmp_path):
     """Three real smoke trials (one a real out-of-memory under a 6 GB address-space limit),
     MLflow parent/child links, Pareto artifact, then a second invocation that resumes the
@@ -608,6 +812,7 @@ def test_two_sweep_processes_share_one_postgres_study(tmp_path, fake_trainer, pg
     assert optuna.load_study(study_name=name, storage=pg_storage).user_attrs["mlflow_parent_run_id"] == parent
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_sigkill_worker_trial_is_failed_retried_and_its_run_closed(tmp_path, fake_trainer, pg_storage, services):
     """One of two sweep processes is SIGKILLed while its trial runs: its trainer dies with it, the
     survivor fails the trial once its heartbeat is older than grace_period_s, runs it again, ends
@@ -678,6 +883,7 @@ def test_submitit_local_executor(tmp_path, fake_trainer, services):
     assert sum("submitted as local job" in ln for ln in lines) == 2
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_torchrun_launcher_two_cpu_ranks(tmp_path, services):
     """launcher: torchrun, nproc_per_node 2: the real trainer on 2 CPU ranks (global batch 2),
     one MLflow run with world size 2 and the launcher/ranks/host tags."""
@@ -701,5 +907,5 @@ def test_torchrun_launcher_two_cpu_ranks(tmp_path, services):
     assert trial.state.name == "COMPLETE", trial.user_attrs
     assert trial.user_attrs["launcher"] == "torchrun" and trial.user_attrs["ranks"] == 2
     run = MlflowClient(services.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"])
-    assert run.data.metrics["dist/world_size"] == 2 and run.data.metrics["train/global_batch"] == 2
+    assert run.data.tags["world_size"] == "2" and run.data.params["train.batch_size"] == "2"
     assert run.data.tags["launcher"] == "torchrun" and run.data.tags["ranks"] == "2" and run.data.tags["host"]

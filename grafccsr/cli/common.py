@@ -16,6 +16,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from grafccsr.config import ConfigError
+from grafccsr.paths import program_name
 from grafccsr.training.outcome import EXIT_CONFIG, EXIT_DATA, EXIT_INTERRUPTED, EXIT_OOM, is_out_of_memory
 
 
@@ -65,7 +66,7 @@ def add_overrides(parser: argparse.ArgumentParser, help_text: str = "Hydra overr
 
 
 def parser(prog: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+    return argparse.ArgumentParser(prog=program_name(prog), description=description, epilog=epilog,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

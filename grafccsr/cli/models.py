@@ -1,4 +1,4 @@
-"""``python -m grafccsr.models --summary [overrides]``: parameter counts of the models a config builds."""
+"""``python -m grafccsr.models [overrides]``: parameter counts of the models a config builds."""
 
 from __future__ import annotations
 
@@ -40,12 +40,10 @@ def summary_rows(overrides: list[str], num_classes: int | None) -> list[tuple[st
 @guarded("grafccsr.models")
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m grafccsr.models", "Parameter counts of the generator and discriminator.")
-    p.add_argument("--summary", action="store_true", help="print the parameter table per sub-module")
+    p.add_argument("--summary", action="store_true", help="print the parameter table per sub-module (the default)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of the data (default: synthetic set's)")
     add_overrides(p)
     args = parse(p, sys.argv[1:] if argv is None else argv)
-    if not args.summary:
-        p.error("nothing to do: pass --summary")
     rows = summary_rows(args.overrides, args.num_classes)
     width = max(len(label) for label, _ in rows)
     print(f"{'module':<{width}}  {'parameters':>12}")

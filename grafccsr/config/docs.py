@@ -16,6 +16,7 @@ import typing
 from typing import Dict, Iterator, List, Tuple
 
 from grafccsr.config.schema import Config
+from grafccsr.paths import program_name
 
 
 def field_docs(cls: type) -> Dict[str, str]:
@@ -95,4 +96,6 @@ def help_template() -> Dict[str, str]:
     template = ("${hydra.help.header}\n\n== Config groups (GROUP=OPTION) ==\n$APP_CONFIG_GROUPS\n"
                 "== Keys (KEY=VALUE): type = default, what it is ==" + body.replace("$", "$$") +
                 "\n\n== Flags ==\n$FLAGS_HELP\n${hydra.help.footer}")
-    return {"app_name": "grafccsr.train", "header": HELP_HEADER, "footer": HELP_FOOTER, "template": template}
+    prog = program_name("python -m grafccsr.train")
+    return {"app_name": "grafccsr.train", "header": HELP_HEADER.replace("python -m grafccsr.train", prog),
+            "footer": HELP_FOOTER.replace("python -m grafccsr.train", prog), "template": template}

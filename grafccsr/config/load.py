@@ -91,7 +91,11 @@ def _build(cls: Type, data: Mapping[str, Any], prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key} is not a config key{_nearest(str(key), names, prefix)}")
+            dotted, value = f"{prefix}{key}", data[key]
+            while isinstance(value, Mapping) and len(value) == 1:  # +trainer.max_steps=3 arrives nested
+                (leaf, value), = value.items()
+                dotted += f".{leaf}"
+            raise ConfigError(f"{dotted} is not a config key{_hint(dotted)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -130,10 +134,14 @@ def validate(cfg: Config) -> Config:
 
 def upgrade(data: Mapping[str, Any]) -> Dict[str, Any]:
     """A config stored by an earlier version, in today's keys (checkpoints outlive the code):
-    ``data.camera`` became ``camera``; ``model.field.class_conditioning`` was a bool."""
+    ``data.camera`` became ``camera``; ``model.field.class_conditioning`` was a bool; a config without
+    ``data.holdout`` trained on every view."""
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     if isinstance(data.get("data"), dict) and "camera" in data["data"] and "camera" not in data:
         data["camera"] = data["data"].pop("camera")
+    if isinstance(data.get("data"), dict) and "holdout" not in data["data"]:
+        # runs before data.holdout trained on every view: none of them is held out
+        data["data"] = {**data["data"], "holdout": {"every_k_azimuth": 0}}
     field = (data.get("model") or {}).get("field") if isinstance(data.get("model"), Mapping) else None
     if isinstance(field, Mapping) and isinstance(field.get("class_conditioning"), bool):
         data["model"] = {**data["model"], "field": {**field, "class_conditioning":
@@ -189,6 +197,28 @@ def _override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+ALIASES = {
+    "experiment": "+exp",
+    "trainer.max_steps": "train.max_iters",
+    "trainer.max_epochs": "train.max_iters",
+    "trainer.devices": "train.device",
+    "trainer.accelerator": "train.device",
+    "trainer.precision": "train.amp.policy and train.amp.dtype",
+    "trainer.accumulate_grad_batches": "train.grad_accum_steps",
+    "ckpt_path": "resume",
+    "tags": "tracking.tags",
+    "seed": "train.seed",
+    "logger": "tracking",
+    "data.batch_size": "train.batch_size",
+}
+"""What a lightning-hydra-template (or PyTorch Lightning) user types first -> grafccsr's key."""
+
+
+def group_options(group: str) -> list:
+    """The options of a config group: the YAML files in ``conf/<group>/``."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
 def hydra_message(err: Exception, overrides: Sequence[str] = ()) -> str:
     """One line for a Hydra composition error (misspelt key, bad value, unknown group option)."""
     text = str(err)
@@ -199,12 +229,31 @@ def hydra_message(err: Exception, overrides: Sequence[str] = ()) -> str:
         key = first.split("'")[1] if "'" in first else ""
         if isinstance(cause, OmegaConfBaseException) and "not in" not in str(cause):
             return omegaconf_message(cause) if getattr(cause, "full_key", None) else f"{key}: {str(cause).splitlines()[0]}"
-        return f"{key} is not a config key{_nearest_key(key)}"
+        if group_options(key):  # a group that is not in the defaults list: presets are appended
+            value = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == key and "=" in o), "NAME")
+            return f"{key}={value}: {key} is a preset group, appended with a '+': use +{key}={value}"
+        return f"{key} is not a config key{_hint(key)}"
     if first.startswith("In '") and "Could not find" in text:
+        missing = first.split("Could not find '")[1].split("'")[0] if "Could not find '" in first else ""
+        group, _, name = missing.rpartition("/")
+        options = group_options(group)
+        if options:
+            return (f"{group}={name} is not an option of {group}{_nearest(name, options, group + '=')} "
+                    f"(options: {', '.join(options)})")
         return " ".join(lines[:2])
     if isinstance(cause, OmegaConfBaseException):
         return omegaconf_message(cause)
     return first
+
+
+def _hint(dotted: str) -> str:
+    """"; grafccsr calls it ..." for a name from lightning-hydra-template, else "did you mean"."""
+    alias = ALIASES.get(dotted)
+    if alias == "+exp":
+        return f"; presets are +exp=NAME (options: {', '.join(group_options('exp'))})"
+    if alias:
+        return f"; grafccsr's key is {alias}"
+    return _nearest_key(dotted)
 
 
 def _nearest_key(dotted: str) -> str:

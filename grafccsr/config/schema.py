@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,71 @@ class SyntheticConfig:
     """Seed of the procedural textures; the same seed gives the same bytes."""
     supersample: int = bounded(2, ge=1)
     """Rays per pixel side when rendering the set (anti-aliasing)."""
+    scene: Literal["centred", "offset"] = "centred"
+    """``centred``: one object per class around the origin (a column on a footing, a block, ...),
+    all inside a ball of radius 0.37. ``offset``: two objects per class, off-centre and of
+    different heights (a tall column beside a low block, a tall pillar beside a low slab): a
+    ball around the origin that holds them needs radius 0.42 and is mostly empty (the set that
+    breaks ``model.render.bound_radius``'s assumption; ``model.occupancy`` finds them)."""
+
+
+@dataclass
+class HoldoutConfig:
+    """Views the training never sees, kept for the pose-matched evaluation (``eval/view_*``).
+
+    A view is held out when its elevation is selected (``elevations``) and its azimuth is
+    either one of every ``every_k_azimuth``-th azimuth or inside one of ``azimuth_ranges``.
+    The training loader skips held-out views; the evaluation renders the generator at exactly
+    their poses. FID/KID are not affected: they compare with every view of the set."""
+
+    every_k_azimuth: int = bounded(8, ge=0)
+    """Hold out every k-th azimuth of the set's azimuth grid (the sorted distinct azimuths of
+    all views: 72 steps of 5 degrees in the embedded set, so 8 holds out 0, 40, ..., 320
+    degrees, 1/8 of the views), at every selected elevation. 0 = none (train on every view,
+    as graf_ccsr did); 1 is refused (it would hold out everything)."""
+    azimuth_offset: int = bounded(0, ge=0)
+    """Which of each k azimuth steps is held out (0 = the first: 0 degrees); < every_k_azimuth."""
+    azimuth_ranges: List[str] = _list()
+    """Azimuth sectors held out, as ``"LOW-HIGH"`` degrees, half-open [LOW, HIGH); LOW > HIGH
+    wraps through 0 (``"350-10"``). A sector tests extrapolation, every k-th azimuth
+    interpolation. E.g. ``data.holdout.azimuth_ranges=[90-135]``."""
+    elevations: List[int] = _list()
+    """Elevation indices (into ``data.elevation_v``) the holdout applies to; empty = all."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_k_azimuth > 0 or bool(self.azimuth_ranges)
+
+    def ranges(self) -> List[Tuple[float, float]]:
+        """``azimuth_ranges`` as (low, high) degrees; ConfigError naming the entry if one is malformed."""
+        out = []
+        for i, text in enumerate(self.azimuth_ranges):
+            low, sep, high = str(text).strip().partition("-")
+            try:
+                pair = (float(low), float(high)) if sep else None
+            except ValueError:
+                pair = None
+            if pair is None or not (0 <= pair[0] <= 360 and 0 <= pair[1] <= 360) or pair[0] == pair[1]:
+                raise ConfigError(f"data.holdout.azimuth_ranges[{i}]={text!r} must be 'LOW-HIGH' degrees in "
+                                  "[0, 360] with LOW != HIGH, e.g. '90-135' (or '350-10' through 0)")
+            out.append(pair)
+        return out
+
+    def check(self, root: "Config") -> None:
+        if self.every_k_azimuth == 1:
+            raise ConfigError("data.holdout.every_k_azimuth=1 would hold out every view; use 0 (off) or >= 2")
+        if self.every_k_azimuth and self.azimuth_offset >= self.every_k_azimuth:
+            raise ConfigError(f"data.holdout.azimuth_offset={self.azimuth_offset} must be < "
+                              f"data.holdout.every_k_azimuth={self.every_k_azimuth}")
+        self.ranges()
+        levels = len(root.data.elevation_v)
+        for i, e in enumerate(self.elevations):
+            if not 0 <= e < levels:
+                raise ConfigError(f"data.holdout.elevations[{i}]={e} must index data.elevation_v (0..{levels - 1})")
+        if self.enabled and not root.data.single_object:
+            raise ConfigError("data.holdout is for the pose-matched metrics, which need data.single_object=true; "
+                              "with data.single_object=false set data.holdout.every_k_azimuth=0 "
+                              "data.holdout.azimuth_ranges=[]")
 
 
 @dataclass
@@ -94,8 +159,22 @@ class DataConfig:
     elevation_v: List[float] = _list(0.5, 0.4, 0.3, 0.2)
     """``v`` of each elevation level; polar angle theta = arccos(1 - 2 v)."""
     synthetic: SyntheticConfig = dc_field(default_factory=SyntheticConfig)
+    single_object: bool = True
+    """Every class is one physical object (a specimen) photographed from known poses, so a
+    class's render at a view's pose can be compared with that view (the pose-matched
+    ``eval/view_*`` metrics). True for the embedded set and graf_ccsr's layout."""
+    background: List[float] = _list(0.0, 0.0, 0.0)
+    """RGB in [0, 1] of the images' background (the embedded set's is black). With
+    ``foreground_tolerance`` it defines a real view's silhouette for ``eval/view_iou``."""
+    foreground_tolerance: float = bounded(0.05, ge=0, lt=1)
+    """A real pixel is foreground when some channel differs from ``background`` by more than
+    this (in [0, 1]; 0.05: a difference of 13 or more of 255 levels; the embedded objects' darkest
+    shade is 0.13)."""
+    holdout: HoldoutConfig = dc_field(default_factory=HoldoutConfig)
 
     def check(self, root: "Config") -> None:
+        if len(self.background) != 3 or not all(0.0 <= c <= 1.0 for c in self.background):
+            raise ConfigError(f"data.background={list(self.background)} must be three values in [0, 1] (RGB)")
         if self.kind == "folder" and not self.root:
             raise ConfigError("data.root must name the dataset folder when data.kind=folder")
         if len(self.elevation_prefixes) != len(self.elevation_v):
@@ -223,6 +302,13 @@ class FieldConfig:
     skip input 575 at graf_ccsr's sizes), a separate feature layer, then feature || PE(dir) || z_app
     (283 = 256 + 27) into the colour branch: about 1.37x the fused field's matmul FLOPs there."""
 
+    skip_latent: Literal["conditioned", "raw"] = "conditioned"
+    """Which latent code the skip connection re-injects with PE(xyz). ``conditioned``: the
+    class-conditioned z_shape the first layer reads (ours). ``raw``: graf_ccsr's, the latent code
+    BEFORE class conditioning (its trunk input [PE(x), z] is kept and concatenated again after
+    layer 4, while only the first layer sees z * LayerNorm(embedding)); the same with
+    ``class_conditioning=none``."""
+
     def check(self, root: "Config") -> None:
         if self.z_shape_dim + self.z_appearance_dim != root.model.z_dim:
             raise ConfigError(
@@ -274,9 +360,34 @@ class RenderConfig:
     [-1, 1]) and ``far`` x this in depth. Renders with autograd (the G step) and renders traced
     under FakeTensorMode (the estimator) use the full render."""
     termination_chunk: int = bounded(8, gt=0)
-    """Samples per ray evaluated between two transmittance checks (with termination)."""
+    """Samples per ray evaluated between two transmittance checks (with termination). The first
+    check follows the first chunk: at or above ``samples_per_ray`` termination never saves a point."""
+    fine_network: bool = False
+    """graf_ccsr's newest hierarchical sampling (commit e905243): a SECOND radiance field of the
+    same shape (its own class embedding and LayerNorm) renders the merged samples_per_ray +
+    importance_samples depths; the first field's coarse pass only places the importance
+    samples; the colour is the fine pass's (needs importance_samples > 0). Off: one field for
+    both passes (GRAF)."""
+    coarse_loss: Literal["match_fine", "none"] = "match_fine"
+    """With ``fine_network``: what trains the coarse network. ``match_fine`` (ours): in the G step
+    the coarse pass is rendered with autograd and pulled towards the fine render of the same z
+    and pose, MSE(coarse, fine.detach()) x ``coarse_loss_weight``, so that its weights place the
+    importance samples where the fine network puts matter (NeRF's loss on each pass, with the
+    fine render as the coarse pass's target). ``none``: upstream graf_ccsr, where the coarse
+    output enters no loss: THE COARSE NETWORK NEVER TRAINS (a frozen random network places the
+    importance samples; a warning says so)."""
+    coarse_loss_weight: float = bounded(1.0, ge=0)
+    """Weight of the ``match_fine`` loss (``loss/coarse``)."""
+    rays_through: Literal["pixel_centres", "pixel_corners"] = "pixel_centres"
+    """Where the generator's rays cross their pixels. ``pixel_centres`` (ours): direction
+    x = (i + 1/2 - W/2) / f, where the real images are sampled. ``pixel_corners``: GRAF's, NeRF's
+    and graf_ccsr's x = (i - W/2) / f, half a pixel (of the data's image size) up and left of
+    the real pixel it is compared with."""
 
     def check(self, root: "Config") -> None:
+        if self.fine_network and self.importance_samples <= 0:
+            raise ConfigError("model.render.fine_network=true needs model.render.importance_samples > 0 "
+                              "(the fine network renders the hierarchical pass)")
         if self.bound_radius > 0 and self.bound_radius >= root.camera.radius:
             raise ConfigError(
                 f"model.render.bound_radius={self.bound_radius} must be smaller than camera.radius="
@@ -288,9 +399,10 @@ class RenderConfig:
 class CCSRConfig:
     """Consistency-controlled super-resolution (CCLC codes, SR net, CEM)."""
 
-    mode: Literal["off", "regularizer", "discriminator"] = "off"
-    """``off``; ``regularizer`` (graf_ccsr: SR only feeds a consistency loss);
-    ``discriminator`` (render at P, super-resolve to scale * P, D sees scale * P)."""
+    mode: Literal["off", "regularizer", "discriminator"] = "regularizer"
+    """``regularizer`` (graf_ccsr's use, the default: the SR output only feeds a consistency loss,
+    computed in the G step); ``discriminator`` (render at P, super-resolve to scale * P, D sees
+    scale * P: real extra resolution); ``off`` (GRAF without CCSR)."""
     variant: Literal["ours", "graf_ccsr"] = "ours"
     """``ours``: a batched scale-``scale`` SR of the patch (P -> scale * P), codes sampled with
     the patch's grid, a residual upsampled input, CEM by blur + area downsampling. ``graf_ccsr``
@@ -299,11 +411,13 @@ class CCSRConfig:
     (bilinear), upsampled to ``code_resolution``^2 (bilinear), concatenated with that view's whole
     code image (not sampled with the patch grid), ``num_layers`` 3x3 convs + LeakyReLU and a conv
     to 3 * scale^2 channels at that size, PixelShuffle(scale), LeakyReLU 0.2, clamp to [-1, 1], a
-    CEM with bilinear down/upsampling against the upsampled input, then a bilinear resize back to
-    the patch size P: ``super_resolve`` returns (B, 3, P, P) and the consistency loss compares it
-    with the render as is. graf_ccsr: lr_size 8, code_resolution 64, scale 4 (64^2 -> 256^2)."""
-    lr_size: int = bounded(8, gt=0)
-    """``graf_ccsr`` variant only: side the rendered patch is shrunk to before the SR network."""
+    CEM that blurs, resizes to the lr_size^2 input and adds half the residual resized back, then a
+    bilinear resize back to the patch size P: ``super_resolve`` returns (B, 3, P, P) and the
+    consistency loss compares it with the render as is. graf_ccsr at 64^2 patches: lr_size 16,
+    code_resolution 64, scale 4 (64^2 -> 256^2)."""
+    lr_size: int = bounded(0, ge=0)
+    """``graf_ccsr`` variant only: side the rendered patch is shrunk to before the SR network
+    (0 = the original's max(8, patch side // 4): 16 at 64^2 patches)."""
     scale: Literal[1, 2, 3, 4, 8] = 2
     """Super-resolution factor."""
     num_views: int = bounded(8, gt=0)
@@ -323,6 +437,9 @@ class CCSRConfig:
     """Blur kernel size (odd)."""
     cem_sigma: float = bounded(1.0, gt=0)
     """Gaussian blur sigma (``gaussian`` only)."""
+    cem_padding: Literal["replicate", "zeros"] = "replicate"
+    """Border of the CEM's blur: ``replicate`` (ours: borders are not darkened) or ``zeros``
+    (graf_ccsr's conv padding, which pulls the border pixels of the blurred image towards 0)."""
     cem_weight: float = 0.5
     """Weight of the back-projected residual (graf_ccsr: 0.5; 1.0 = projection)."""
     consistency_weight: float = bounded(1.0, ge=0)
@@ -335,7 +452,7 @@ class CCSRConfig:
             raise ConfigError(f"model.ccsr.cem_kernel={self.cem_kernel} must be a positive odd number")
         if 360 % self.num_views:
             raise ConfigError(f"model.ccsr.num_views={self.num_views} must divide 360 (azimuth bins of whole degrees)")
-        if self.variant == "graf_ccsr" and self.mode != "regularizer":
+        if self.variant == "graf_ccsr" and self.mode == "discriminator":
             raise ConfigError(
                 f"model.ccsr.variant=graf_ccsr needs model.ccsr.mode=regularizer (got {self.mode}): the original's "
                 "SR output is only compared with the render at the patch size, it never feeds D"
@@ -359,14 +476,20 @@ class DiscriminatorConfig:
     """GRAF's DCGAN-style patch discriminator."""
 
     variant: Literal["graf", "graf_ccsr"] = "graf"
-    """``graf``: channels ``base_channels * 2^k`` per level (capped at ``max_channels``), no norm
-    after the first conv, conv biases, the class one-hot only with more than one class, an aux
-    head only with ``aux_classifier``. ``graf_ccsr``: the original's D: the LAST level has
-    ``max_channels`` and each earlier level half as many (32^2: 128 -> 256 -> 512; 64^2:
-    64 -> 128 -> 256 -> 512; ``base_channels`` unused), ``norm`` after EVERY conv including the
-    first, no conv biases, the class one-hot channels always (even with one class), and a label
-    head (a 4x4 conv to the classes, or sum(n_each_task)) computed on every call and unused unless
-    ``aux_classifier``."""
+    """``graf``: channels ``base_channels * 2^k`` per level (capped at ``max_channels``), ``norm``
+    after every conv but the first, spectral norm per ``spectral_norm``, conv biases, the class
+    one-hot only with more than one class, an aux head only with ``aux_classifier``.
+    ``graf_ccsr``: the original's D, which depends on the patch side (``norm``, ``spectral_norm``
+    and ``base_channels`` unused; M = ``max_channels``, 512 in the original): 64^2: spectral-norm
+    conv to M/8 (no norm), spectral-norm conv to M/4 + InstanceNorm (no affine), conv to M/2 +
+    BatchNorm, conv to M + BatchNorm; 32^2: conv to M/4 + BatchNorm, then M/2, M as at 64^2;
+    128^2: spectral-norm convs to M/16 (no norm), M/8 and M/4 (+ InstanceNorm), then M/2, M
+    (+ BatchNorm), and no class channels (the original crashes with them: refused); 16^2 (not in
+    the original, for scaled-down recipes): the 32^2 branch without its first level. All 4x4
+    stride-2 convs, no biases, LeakyReLU 0.2, the class one-hot channels always (even with one
+    class), a 4x4 stride-1 output conv, and a label head (1x1 conv to M/2, BatchNorm, LeakyReLU,
+    global average pool, 1x1 conv to the classes or sum(n_each_task)) computed on every call and
+    unused unless ``aux_classifier``."""
     base_channels: int = bounded(32, gt=0)
     """Channels of the first 4x4 stride-2 conv; doubles per level (GRAF: 64)."""
     max_channels: int = bounded(512, gt=0)
@@ -386,6 +509,75 @@ class DiscriminatorConfig:
         for i, n in enumerate(self.n_each_task):
             if n < 2:
                 raise ConfigError(f"model.discriminator.n_each_task[{i}]={n} must be >= 2")
+        if self.variant == "graf_ccsr":
+            ccsr = root.model.ccsr
+            size = root.model.patch.side * (ccsr.scale if ccsr.mode == "discriminator" else 1)
+            if size not in (16, 32, 64, 128):
+                raise ConfigError(f"model.discriminator.variant=graf_ccsr has no discriminator for {size}px patches "
+                                  "(the original's: 32, 64, 128; ours adds 16)")
+            if size == 128 and self.class_conditioning:
+                raise ConfigError("model.discriminator.variant=graf_ccsr at 128px patches has no class channels (the "
+                                  "original crashes with them): set model.discriminator.class_conditioning=false")
+            if self.max_channels % 16:
+                raise ConfigError(f"model.discriminator.max_channels={self.max_channels} must be a multiple of 16 "
+                                  "with variant=graf_ccsr (its levels have M/16 ... M channels)")
+
+
+@dataclass
+class OccupancyConfig:
+    """An occupancy grid the generator keeps for itself (NerfAcc's ``OccGridEstimator`` for a
+    latent-conditioned generator): a cube of ``resolution``^3 cells per class, each holding an
+    exponential moving average of the maximum density of the generator's own radiance field
+    over ``latent_draws`` latent codes (never the data). Rays place their ``samples_per_ray``
+    samples only in the cells switched on (stratified over the occupied length, jittered in
+    training); rays that cross no such cell render the background and, without autograd, are
+    not evaluated. Updated every ``update_every`` iterations: every cell during the first
+    ``warmup_iters`` iterations (all cells stay on until then), after that a random
+    ``update_fraction`` of the cells plus as many of the occupied ones. A cell is on when its
+    value exceeds the threshold below (NerfAcc also lowers it to the mean value; not here, see
+    :meth:`grafccsr.models.occupancy.OccupancyGrid.switch`), dilated by ``dilation`` cells. CHANGES THE MATHS where the field puts density in cells that are off (what the
+    grid skips is bounded by ``threshold``, see tests/test_occupancy.py)."""
+
+    enabled: bool = False
+    """Use the grid (``+exp=fast`` does). Replaces ``model.render.bound_radius`` (refused together)."""
+    resolution: int = bounded(64, ge=8, le=128)
+    """Cells per side of the cube (memory: classes x resolution^3 x 5 bytes). With the default
+    cube a cell is 0.072 wide at 64 (the embedded objects are 0.5-0.7 across), 0.14 at 32."""
+    half_size: float = bounded(0.0, ge=0)
+    """Half side of the origin-centred cube the grid covers; 0 = the smallest cube that holds
+    every camera ray's [camera.near, camera.far] segment (2.29 with the default camera: nothing
+    the cameras can see is outside). Smaller is finer; what lies outside is never rendered."""
+    update_every: int = bounded(32, gt=0)
+    """Iterations between two updates (NerfAcc's ``n`` of ``update_every_n_steps``: 16; an update
+    costs classes x latent_draws field evaluations per cell evaluated, and this field is an MLP)."""
+    warmup_iters: int = bounded(256, ge=0)
+    """Every cell is evaluated at each update before this iteration, and no cell is switched off
+    before it (NerfAcc's ``warmup_steps``)."""
+    latent_draws: int = bounded(2, gt=0)
+    """Latent codes per class drawn at each update; a cell's new value is the maximum density
+    over them (the same draws on every torchrun rank: seeded by train.seed and the iteration)."""
+    ema_decay: float = bounded(0.95, ge=0, lt=1)
+    """value = max(value x ema_decay, new maximum): cells the generator has emptied go dark
+    after a few updates (NerfAcc's ``ema_decay``)."""
+    threshold: float = bounded(0.01, gt=0, lt=1)
+    """Opacity a cell may hold and still be switched off: its density threshold is
+    -ln(1 - threshold) / (sqrt(3) x cell side), the density at which a ray crossing the cell
+    along its diagonal loses this opacity (NerfAcc's ``occ_thre``, which thresholds
+    density x step)."""
+    update_fraction: float = bounded(0.0625, gt=0, le=1)
+    """After warm-up, each update evaluates this fraction of all cells (uniformly random) plus
+    as many cells drawn from the occupied ones (NerfAcc: a quarter each; an MLP field makes
+    them dearer than NerfAcc's hash grids)."""
+    dilation: int = bounded(1, ge=1, le=4)
+    """Cells around every occupied cell that are switched on too (conservative: rays sample a
+    margin around what the grid saw)."""
+
+    def check(self, root: "Config") -> None:
+        if self.enabled and root.model.render.bound_radius > 0:
+            raise ConfigError(
+                f"model.occupancy.enabled=true with model.render.bound_radius={root.model.render.bound_radius}: "
+                "the grid replaces the ball; set model.render.bound_radius=0 (to keep the grid inside a known "
+                "region, set model.occupancy.half_size)")
 
 
 @dataclass
@@ -398,6 +590,7 @@ class ModelConfig:
     render: RenderConfig = dc_field(default_factory=RenderConfig)
     ccsr: CCSRConfig = dc_field(default_factory=CCSRConfig)
     discriminator: DiscriminatorConfig = dc_field(default_factory=DiscriminatorConfig)
+    occupancy: OccupancyConfig = dc_field(default_factory=OccupancyConfig)
 
 
 # --------------------------------------------------------------------------- train
@@ -560,8 +753,9 @@ class EvalConfig:
     """Local file with the inception-v3-compat weights (offline clusters)."""
     num_samples: int = bounded(256, gt=0)
     """Fakes generated for FID/KID (GRAF: 1000; ``eval=graf``)."""
-    kid_subset_size: int = bounded(100, gt=0)
-    """Samples per KID subset (<= num_samples)."""
+    kid_subset_size: int = bounded(0, ge=0)
+    """Samples per KID subset (<= num_samples); 0 = min(100, num_samples), so that changing
+    ``num_samples`` alone never needs a second key."""
     kid_subsets: int = bounded(50, gt=0)
     """Number of KID subsets (``eval=graf``: 100)."""
     batch_size: int = bounded(32, gt=0)
@@ -574,11 +768,26 @@ class EvalConfig:
     """Evaluate once more at the end of training."""
     cache_dir: Optional[str] = None
     """Real-statistics cache (default ``<project>/data/fidelity-cache``)."""
+    view_codes: int = bounded(4, gt=0)
+    """Pose-matched metrics (``eval/view_*``, with ``data.holdout``): latent codes rendered at
+    each held-out view; scores are reported as the mean over codes and for each class's best
+    code (the one with the highest mean PSNR over the class's held-out views)."""
+    view_opacity_threshold: float = bounded(0.5, gt=0, lt=1)
+    """A rendered pixel is foreground for ``eval/view_iou`` when its opacity exceeds this."""
+    view_grid_columns: int = bounded(8, gt=0)
+    """Held-out views per class shown in the view grid (evenly spaced over the class's held-out
+    views); the metrics use all of them."""
+
+    @property
+    def kid_subset(self) -> int:
+        """The KID subset size used: ``kid_subset_size``, or min(100, num_samples) when it is 0."""
+        return self.kid_subset_size or min(100, self.num_samples)
 
     def check(self, root: "Config") -> None:
         if self.kid_subset_size > self.num_samples:
             raise ConfigError(
-                f"eval.kid_subset_size={self.kid_subset_size} must be <= eval.num_samples={self.num_samples}"
+                f"eval.kid_subset_size={self.kid_subset_size} must be <= eval.num_samples={self.num_samples} "
+                "(or 0: min(100, num_samples))"
             )
         if self.weights_path:
             if not Path(self.weights_path).expanduser().is_file():
@@ -607,6 +816,19 @@ class TrackingConfig:
     """Seconds between system-metric samples."""
     tags: Dict[str, str] = dc_field(default_factory=dict)
     """Extra MLflow tags."""
+    request_timeout_s: int = bounded(10, gt=0)
+    """Seconds one HTTP request to a tracking server may wait for an answer (sets MLflow's
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT``; MLflow's own default is 120). The start-up check of the
+    server waits this long once, without retries."""
+    request_retries: int = bounded(2, ge=0, le=10)
+    """Retries of a failed HTTP request, 1 s then 2 s apart (MLflow's
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, with ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1``; MLflow's
+    defaults, 7 retries with factor 2, wait about 4 minutes). Tracking calls run on a background
+    thread, so training never waits for them."""
+    lost_retry_s: float = bounded(30.0, gt=0)
+    """After the server stopped answering, try it again this often; metrics meanwhile are kept
+    and sent when it is back, images and checkpoint uploads are skipped (they stay in the run
+    folder)."""
 
 
 @dataclass

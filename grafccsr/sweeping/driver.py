@@ -9,11 +9,23 @@ Trial policy (see sweeps/README.md):
 * FAIL — no honest objective values exist (OOM, NaN/Inf loss, config error, crash, timeout,
   evaluation missing, interrupted). Nothing is fabricated; ``failure_reason`` and ``message``
   are user attributes and tags on the MLflow child run.
+* FAIL that stops the sweep — a failure every trial would meet: a config error (exit 2) or a
+  data error (exit 5) whose message names none of the searched keys (the machine, e.g. no
+  CUDA; the data; the fixed overrides), or a trainer command that cannot start. The trial gets
+  ``stopped_sweep`` (it does not count toward ``n_trials`` and its parameters are queued
+  again), running trials are stopped like on Ctrl-C, and the sweep ends with one line (exit 2
+  or 5): the budget is untouched for the run that follows the fix.
 * PRUNED — never launched because the memory estimator predicts a peak over the budget; the
   constraint holds the (real) predicted excess, so samplers treat the trial as infeasible.
 
-``n_trials`` is the study's total: trials interrupted by the sweep (and trials of a sweep
-process that died, found through RDB heartbeats) do not count and are queued again.
+``n_trials`` is the study's total: trials interrupted by the sweep, trials that stopped it,
+and trials of a sweep process that died (found through RDB heartbeats) do not count and are
+queued again.
+
+A study keeps the fixed overrides it ran with (the study file's ``base_overrides`` and the
+command line's, user attribute ``fixed_overrides``): a later run with other ones is refused
+(its trials would mix budgets in one Pareto front) unless ``new_study`` sends it to a study of
+its own, ``<name>-<digest of the overrides>``.
 
 Several sweep processes (machines) may share one study: "count, then ask" runs under a
 cross-process lock (:class:`~grafccsr.sweeping.storage.StudyLock`), so the total is exact and
@@ -27,6 +39,7 @@ waits while other processes' trials run, so that a dead one is still noticed and
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -42,13 +55,23 @@ import numpy as np
 from grafccsr.paths import PROJECT_ROOT
 from grafccsr.sweeping import launchers, runner
 from grafccsr.sweeping.pareto import format_table, pareto_trials
-from grafccsr.sweeping.spec import (SpecError, StudySpec, extract_metric, format_override,
-                                    override_value, short_names, trial_overrides)
-from grafccsr.sweeping.storage import (StudyLock, cpu_threads_per_worker, make_storage, redact,
-                                       resolve_storage_url)
+from grafccsr.sweeping.spec import (CPU_STUDY, SpecError, StudySpec, derived_study_name, extract_metric,
+                                    format_override, override_difference, override_value, short_names,
+                                    trial_overrides)
+from grafccsr.sweeping.storage import (StorageUnavailable, StudyLock, cpu_threads_per_worker, is_storage_error,
+                                       make_storage, redact, resolve_storage_url, storage_cause)
 from grafccsr.sweeping.tracking import SweepTracker, resolve_tracking_uri
+from grafccsr.training.outcome import EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE_LOST
 
 RETRIED_REASONS = frozenset({"interrupted"})
+STOPPING_REASONS = {"config": EXIT_CONFIG, "data": EXIT_DATA, "launch": EXIT_CONFIG}
+"""Failures that every trial meets unless the trial's own parameters caused them: the reason
+and the sweep's exit code."""
+KEY_ERRORS = re.compile(r"is not a config key|Could not override|Key '[^']*' (?:is )?not in|Could not append to "
+                        r"config|Could not delete from config")
+"""Config errors about a key itself (a searched key the config does not have fails every value)."""
+STOPPED_ATTR = "stopped_sweep"
+FIXED_ATTR = "fixed_overrides"
 STALE_RETRIES = 1  # a trial of a dead sweep process is queued again once
 # Carried over to the retry of a stale trial; run-specific attributes (run_dir, pid, job_id...) are not.
 KEPT_ON_RETRY = ("enqueued", "retry_of")
@@ -72,8 +95,18 @@ def counts_toward_total(trial) -> bool:
     if trial.state == TrialState.FAIL:
         reason = trial.user_attrs.get("failure_reason")
         # No reason: failed by Optuna's stale-heartbeat check (its sweep process died).
-        return reason is not None and reason not in RETRIED_REASONS
+        return reason is not None and reason not in RETRIED_REASONS and not trial.user_attrs.get(STOPPED_ATTR)
     return True
+
+
+def fixed_overrides_of(trials) -> Optional[List[str]]:
+    """The fixed overrides a study's counted trials ran with (their ``overrides`` attribute less
+    the trial's own parameters, which come last), for studies recorded before ``fixed_overrides``."""
+    for t in reversed(trials):
+        overrides = t.user_attrs.get("overrides")
+        if overrides and counts_toward_total(t):
+            return list(overrides[:len(overrides) - len(t.params)])
+    return None
 
 
 class HeartbeatThread:
@@ -112,6 +145,11 @@ class SweepResult:
     launched: List[int] = field(default_factory=list)
     interrupted: bool = False
     study: Any = None
+    storage_lost: Optional[str] = None
+    """Why the sweep stopped early: its storage stopped answering (exit 7)."""
+    stopped: Optional[str] = None
+    """Why the sweep stopped after a trial: a failure every trial would meet (exit 2 or 5)."""
+    stopped_code: int = 0
 
 
 class Sweep:
@@ -119,7 +157,7 @@ class Sweep:
                  workers: int = 1, tracking_uri: Any = DEFAULT, runs_root: Optional[Path] = None,
                  extra_overrides: Sequence[str] = (), trainer_cmd: Optional[Sequence[str]] = None,
                  predict: Optional[Callable[[Sequence[str]], Optional[float]]] = None,
-                 out: Callable[[str], None] = None) -> None:
+                 out: Callable[[str], None] = None, new_study: bool = False) -> None:
         if workers < 1:
             raise SpecError("--workers must be >= 1")
         self.spec = spec
@@ -128,6 +166,9 @@ class Sweep:
         self.workers = workers
         self.runs_root = Path(runs_root) if runs_root else PROJECT_ROOT / "runs"
         self.extra_overrides = list(extra_overrides)
+        self.fixed_overrides = [*spec.base_overrides, *self.extra_overrides]
+        self.new_study = new_study
+        self.custom_trainer = bool(trainer_cmd or spec.trainer_cmd)
         self.trainer_cmd = spec.command(trainer_cmd)
         self.launcher = launchers.make_launcher(spec, self.runs_root / "sweeps" / spec.study_name,
                                                 self.extra_overrides)
@@ -144,6 +185,7 @@ class Sweep:
         self._names = short_names(list(spec.search_space))
         self._procs: set = set()  # live trainer processes (killed on a second Ctrl-C)
         self._active: Dict[int, Any] = {}  # trial number -> (trial, params) while running
+        self._owned: set = set()  # trial numbers claimed here and not yet told (_active ends earlier)
         self._closed: set = set()  # trial numbers already told
         self._state_lock = threading.Lock()
         self._running_workers = 0
@@ -152,6 +194,10 @@ class Sweep:
         self._heartbeats: Dict[int, HeartbeatThread] = {}
         self._announced_wait = False
         self._lost: List[tuple] = []  # (trial, message) failed by _on_stale, told after the lock
+        self.storage_lost: Optional[str] = None
+        self._unrecorded: List[int] = []  # trials that ran but whose result the lost storage never took
+        self.stopped: Optional[tuple] = None  # (exit code, message) of a failure every trial would meet
+        self._moved_to: Optional[str] = None
 
     # -------------------------------------------------------------- output
     def say(self, line: str) -> None:
@@ -196,6 +242,9 @@ class Sweep:
         elif list(study.metric_names) != spec.metric_names:
             raise SpecError(f"study {spec.study_name!r} optimises {study.metric_names}, the study file asks for "
                             f"{spec.metric_names}; use another study_name")
+        self._moved_to = self._check_fixed_overrides(study)
+        if self._moved_to is not None:
+            return study
         space = spec.search_space_json()
         if "search_space" not in study.user_attrs:
             study.set_user_attr("search_space", space)
@@ -208,6 +257,59 @@ class Sweep:
             study.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
         self._heartbeat = is_heartbeat_enabled(study._storage)
         return study
+
+    def _check_fixed_overrides(self, study) -> Optional[str]:
+        """Record the fixed overrides on a study without counted trials. A study with trials
+        keeps its own: others are refused (one line naming the difference) or, with
+        ``new_study``, the name of the study they go to is returned."""
+        trials = study.get_trials(deepcopy=False)
+        recorded = study.user_attrs.get(FIXED_ATTR)
+        if recorded is None:  # a study from before the attribute: what its trials ran with
+            recorded = fixed_overrides_of(trials)
+        counted = sum(counts_toward_total(t) for t in trials)
+        difference = override_difference(recorded, self.fixed_overrides) if recorded is not None else ""
+        if counted == 0 or not difference:
+            if study.user_attrs.get(FIXED_ATTR) != self.fixed_overrides:
+                study.set_user_attr(FIXED_ATTR, self.fixed_overrides)
+            return None
+        other = derived_study_name(self.spec.study_name, self.fixed_overrides)
+        if self.new_study:
+            self.say(f"study {self.spec.study_name!r} ran with other fixed overrides ({difference}); "
+                     f"--new-study: these trials go to study {other!r}")
+            return other
+        raise SpecError(f"study {self.spec.study_name!r} has {counted} trial(s) run with other fixed overrides "
+                        f"(study -> this command: {difference}); their results would mix in one Pareto front: "
+                        f"add --new-study to run these as study {other!r}, or name one with --study-name")
+
+    def _move_to(self, name: str) -> None:
+        """Run as study ``name`` (``new_study``): its own lock, run folders and MLflow parent."""
+        self.lock.close()
+        self.spec.study_name = name
+        self.lock = StudyLock(self.storage_url, name)
+        self.new_study = False  # the derived study keeps its own overrides
+        self.launcher = launchers.make_launcher(self.spec, self.runs_root / "sweeps" / name, self.extra_overrides)
+
+    def _has_cuda(self) -> bool:
+        if self._cuda_available is None:
+            try:
+                import torch
+
+                self._cuda_available = bool(torch.cuda.is_available())
+            except Exception:  # noqa: BLE001
+                self._cuda_available = False
+        return self._cuda_available
+
+    def _check_machine(self) -> None:
+        """A study whose fixed overrides train on CUDA cannot run a trial on a machine without
+        it: refused before the study, its MLflow parent or a trial exist. Trials that run
+        elsewhere (SLURM jobs, a custom trainer command) are not judged from here."""
+        device = override_value(self.fixed_overrides, "train.device") or "auto"
+        elsewhere = self.custom_trainer or getattr(self.launcher, "cluster", "local") not in ("local", "debug")
+        if elsewhere or not device.startswith("cuda") or self._has_cuda():
+            return
+        raise SpecError(f"study {self.spec.study_name!r} trains with train.device={device} but this machine has no "
+                        f"CUDA: run it on a GPU machine, choose a study sized for this CPU ({CPU_STUDY}), or add "
+                        "train.device=cpu to run this one here anyway")
 
     # -------------------------------------------------------------- claiming trials
     def _grid_covered(self, trials) -> bool:
@@ -270,9 +372,10 @@ class Sweep:
                         study._storage, trial._trial_id, float(self.spec.heartbeat_interval_s)).start()
                 with self._state_lock:
                     self._active[trial.number] = (trial, dict(trial.params))
+                    self._owned.add(trial.number)
                 return trial, None
             with self._state_lock:
-                mine = set(self._active)
+                mine = set(self._owned)
             others = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in mine]
             if not (self._heartbeat and others and self.n_trials > 0):
                 return None, None
@@ -357,16 +460,7 @@ class Sweep:
         device = override_value(overrides, "train.device") or "auto"
         if device.startswith("cuda"):
             return True
-        if device == "auto":
-            if self._cuda_available is None:
-                try:
-                    import torch
-
-                    self._cuda_available = bool(torch.cuda.is_available())
-                except Exception:  # noqa: BLE001
-                    self._cuda_available = False
-            return self._cuda_available
-        return False
+        return device == "auto" and self._has_cuda()
 
     def _failed_twin(self, trial):
         """An earlier trial with the same parameters that failed deterministically (Optuna's
@@ -375,7 +469,8 @@ class Sweep:
 
         for other in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
             if (other.number != trial.number and other.params == trial.params
-                    and other.user_attrs.get("failure_reason") in DETERMINISTIC_FAILURES):
+                    and other.user_attrs.get("failure_reason") in DETERMINISTIC_FAILURES
+                    and not other.user_attrs.get(STOPPED_ATTR)):
                 return other
         return None
 
@@ -462,19 +557,13 @@ class Sweep:
                 attrs.update(failure_reason=outcome.reason, message=outcome.message)
             else:
                 trial.set_constraint("memory_budget_mb", peak - spec.memory_budget_mb)
+        stops = self._every_trial_would_fail(outcome)
+        if stops:
+            attrs[STOPPED_ATTR] = True
         # MLflow first (the run id becomes a user attribute); never let it lose the trial.
-        if self.tracker is not None:
+        if self.tracker is not None and not (stops and not outcome.mlflow_run_id):  # no run for what never ran
             try:
-                where = self._where_tags(trial.user_attrs)
-                if outcome.mlflow_run_id:
-                    self.tracker.annotate_child(outcome.mlflow_run_id, number, outcome.state, outcome.reason,
-                                                outcome.message, where)
-                elif outcome.state != "COMPLETE":
-                    predicted = trial.user_attrs.get("predicted_peak_mb")
-                    extra = {"predicted_peak_mb": f"{predicted:.1f}"} if predicted is not None else {}
-                    extra.update({k: str(v) for k, v in where.items()})
-                    attrs["mlflow_run_id"] = self.tracker.record_unlaunched(
-                        number, params, outcome.state, outcome.reason or "error", outcome.message, extra)
+                self._record_mlflow(trial, params, outcome, attrs)
             except Exception as err:  # noqa: BLE001
                 self.say(f"[trial {number}] warning: MLflow update failed: {err}")
         from optuna.exceptions import UpdateFinishedTrialError
@@ -491,10 +580,47 @@ class Sweep:
             self.say(f"[trial {number}] {outcome.state} but already failed by another sweep process (no heartbeat "
                      "reached the storage in time); its retry records the result")
             return
-        if outcome.reason in RETRIED_REASONS:
+        if outcome.reason in RETRIED_REASONS or stops:
             with self.lock:  # queue the same parameters again; a resumed sweep runs them
                 self.study.enqueue_trial(params, user_attrs={"retry_of": number})
         self.say(self._result_line(number, params, outcome, attrs, trial))
+        if stops:
+            self._stop_sweep(number, outcome)
+
+    def _record_mlflow(self, trial, params: Dict[str, Any], outcome: runner.Outcome, attrs: Dict[str, Any]) -> None:
+        """Tag the trial's MLflow run, or record one for a trial that never made its own."""
+        where = self._where_tags(trial.user_attrs)
+        if outcome.mlflow_run_id:
+            self.tracker.annotate_child(outcome.mlflow_run_id, trial.number, outcome.state, outcome.reason,
+                                        outcome.message, where)
+        elif outcome.state != "COMPLETE":
+            predicted = trial.user_attrs.get("predicted_peak_mb")
+            extra = {"predicted_peak_mb": f"{predicted:.1f}"} if predicted is not None else {}
+            extra.update({k: str(v) for k, v in where.items()})
+            attrs["mlflow_run_id"] = self.tracker.record_unlaunched(
+                trial.number, params, outcome.state, outcome.reason or "error", outcome.message, extra)
+
+    def _every_trial_would_fail(self, outcome: runner.Outcome) -> bool:
+        """A config/data error or a trainer that cannot start, unless the message names a searched
+        key (then this trial's values caused it, e.g. a batch size the config refuses) and is not
+        about the key itself (a searched key the config lacks fails every value)."""
+        if outcome.state != "FAIL" or outcome.reason not in STOPPING_REASONS:
+            return False
+        if KEY_ERRORS.search(outcome.message):
+            return True
+        return not any(key in outcome.message for key in self.spec.search_space)
+
+    def _stop_sweep(self, number: int, outcome: runner.Outcome) -> None:
+        """The first failure every trial would meet stops the sweep: no new trial, running ones
+        are stopped like on Ctrl-C (and queued again)."""
+        with self._state_lock:
+            if self.stopped is not None:
+                return
+            self.stopped = (STOPPING_REASONS[outcome.reason],
+                            f"trial {number}: {outcome.message.strip()[:1000]} -- every trial would fail this way "
+                            f"({outcome.reason}), so the sweep stopped with its budget untouched (trial {number} is not "
+                            "counted and is queued again): fix it and run the same command")
+        self.stop_event.set()
 
     def _close(self, number: int) -> bool:
         with self._state_lock:
@@ -526,14 +652,39 @@ class Sweep:
         return f"{head}  -> {outcome.message[:300]}"
 
     # -------------------------------------------------------------- main loop
+    def _lose_storage(self, err: BaseException, trial=None) -> bool:
+        """A storage error ends the sweep (no new trials; running ones finish and are recorded if
+        the storage is back by then). False for anything else."""
+        if not is_storage_error(err):
+            return False
+        if trial is not None:
+            self._close(trial.number)
+            if trial.number in self.launched:
+                self._unrecorded.append(trial.number)
+        with self._state_lock:
+            first, running = self.storage_lost is None, sorted(self._active)
+            if first:
+                self.storage_lost = storage_cause(err)
+        if first and running:
+            self.say(f"storage {redact(self.storage_url)} stopped answering ({self.storage_lost}); no new trials; "
+                     f"waiting for trial(s) {', '.join(map(str, running))} to finish")
+        return True
+
     def _worker(self) -> None:
-        while not self.stop_event.is_set():
-            trial = self._claim()
+        while not self.stop_event.is_set() and self.storage_lost is None:
+            try:
+                trial = self._claim()
+            except Exception as err:  # noqa: BLE001 - only a lost storage is expected here
+                if self._lose_storage(err):
+                    return
+                raise
             if trial is None:
                 return
             try:
                 self._run_one(trial)
-            except Exception:  # a driver bug: record it, keep the sweep going
+            except Exception as err:  # a driver bug: record it, keep the sweep going
+                if self._lose_storage(err, trial):
+                    continue
                 message = traceback.format_exc()
                 if not self._close(trial.number):
                     self.say(f"[trial {trial.number}] driver error after recording:\n{message}")
@@ -549,6 +700,8 @@ class Sweep:
                     pass
             finally:
                 self._stop_heartbeat(trial.number)
+                with self._state_lock:
+                    self._owned.discard(trial.number)
 
     def run(self) -> SweepResult:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -563,11 +716,23 @@ class Sweep:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = self.spec
-        with self.lock:
-            self.study = self._open_study()
-            if self.tracking_uri is not None:
-                self.tracker = SweepTracker(self.tracking_uri, spec, redact(self.storage_url))
-                self.tracker.ensure_parent(self.study)
+        self._check_machine()
+        try:
+            with self.lock:
+                self.study = self._open_study()
+            if self._moved_to is not None:
+                self._move_to(self._moved_to)
+                with self.lock:
+                    self.study = self._open_study()
+            with self.lock:
+                if self.tracking_uri is not None:
+                    self.tracker = SweepTracker(self.tracking_uri, spec, redact(self.storage_url))
+                    self.tracker.ensure_parent(self.study)
+        except Exception as err:  # noqa: BLE001 - a storage that does not answer at start is a bad argument
+            self.lock.close()
+            if is_storage_error(err) and not isinstance(err, StorageUnavailable):
+                raise StorageUnavailable(f"storage {redact(self.storage_url)}: {storage_cause(err)}") from None
+            raise
         existing = self.study.get_trials(deepcopy=False)
         done = sum(counts_toward_total(t) for t in existing)
         self.say(f"study {spec.study_name!r} ({spec.sampler}, objectives "
@@ -632,6 +797,12 @@ class Sweep:
                 self.say(f"[trial {number}] could not record the interruption: {err}")
 
     def finish(self, interrupted: bool = False) -> SweepResult:
+        if self.storage_lost is not None:  # nothing more can be read or written there
+            self.lock.close()
+            return SweepResult(self.spec.study_name, self.storage_url, self.tracker.run_id if self.tracker else None,
+                               [], list(self.launched), interrupted, self.study, self.lost_message())
+        if self.stopped is not None:
+            return self._finish_stopped(interrupted)
         front = pareto_trials(self.study)
         trials = self.study.get_trials(deepcopy=False)
         counts: Dict[str, int] = {}
@@ -663,6 +834,33 @@ class Sweep:
                            front, list(self.launched), interrupted, self.study)
 
 
+    def _finish_stopped(self, interrupted: bool) -> SweepResult:
+        """After a failure every trial would meet: no Pareto front (nothing new was measured);
+        the MLflow parent ends FAILED unless another process still runs trials of the study."""
+        from optuna.trial import TrialState
+
+        if self.tracker is not None:
+            try:
+                with self.lock:
+                    running = any(t.state == TrialState.RUNNING for t in self.study.get_trials(deepcopy=False))
+                    if not running:
+                        self.tracker.client.set_terminated(self.tracker.run_id, status="FAILED")
+            except Exception as err:  # noqa: BLE001
+                self.say(f"warning: could not end the MLflow parent run: {err}")
+        self.lock.close()
+        code, message = self.stopped
+        return SweepResult(self.spec.study_name, self.storage_url, self.tracker.run_id if self.tracker else None,
+                           [], list(self.launched), interrupted, self.study, stopped=message, stopped_code=code)
+
+    def lost_message(self) -> str:
+        """The one line a lost storage ends the sweep with."""
+        unrecorded = (f"; trial(s) {', '.join(map(str, self._unrecorded))} ran but could not be recorded (their run "
+                      "folders and MLflow runs are kept; they run again)" if self._unrecorded else "")
+        return (f"storage {redact(self.storage_url)} stopped answering ({self.storage_lost}){unrecorded}; the study "
+                f"keeps what it had recorded: run the same command again once it answers (running trials are failed "
+                f"after grace_period_s and queued again)")
+
+
 def install_sigterm_as_interrupt() -> None:
     """SIGTERM (a scheduler stopping the job) behaves like Ctrl-C: running trials are stopped
     cleanly and queued again."""
@@ -674,6 +872,10 @@ def install_sigterm_as_interrupt() -> None:
 
 
 def main_exit_code(result: SweepResult) -> int:
+    if result.storage_lost is not None:
+        return EXIT_STORAGE_LOST
+    if result.stopped is not None:
+        return result.stopped_code
     return 130 if result.interrupted else 0
 
 

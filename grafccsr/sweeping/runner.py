@@ -27,6 +27,8 @@ QUALITY_METRICS = ("fid", "kid_mean", "kid_std", "fid_rf", "kid_rf_mean", "kid_r
 _HYDRA_CONFIG_ERRORS = re.compile(
     r"Could not override|Key '.*' not in|ConfigCompositionException|OverrideParseException|"
     r"Could not load '|Error merging override|Could not append to config|mismatched input")
+EXIT_LAUNCH = 127
+"""The trainer command could not be started (as a shell says it)."""
 INTERRUPT_GRACE_S = 30.0
 STDERR_TAIL_CHARS = 4000
 
@@ -73,7 +75,9 @@ _DIE_WITH_PARENT = (
     "try:\n    ctypes.CDLL(None).prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
     "except Exception:\n    pass\n"
     "if os.getppid() != parent:\n    os.kill(os.getpid(), sig)\n"
-    "os.execvp(sys.argv[3], sys.argv[3:])\n")
+    "try:\n    os.execvp(sys.argv[3], sys.argv[3:])\n"
+    "except OSError as err:\n"
+    "    sys.stderr.write('could not start %r: %s\\n' % (sys.argv[3], err))\n    sys.exit(127)\n")
 
 
 def die_with_parent(cmd: Sequence[str], sig: int = signal.SIGTERM) -> List[str]:
@@ -174,11 +178,20 @@ def _last_lines(text: str, n: int = 3) -> str:
     return " | ".join(lines[-n:])
 
 
+_ERROR_LINE = re.compile(r"^(?:config error:|[\w.-]+: error: )\s*(.*)$")
+"""The trainer's one-line errors: ``grafccsr.train: error: ...`` (and the older ``config error: ...``)."""
+
+
+def _error_line(stderr: str) -> Optional[str]:
+    for line in reversed(stderr.splitlines()):
+        match = _ERROR_LINE.match(line.strip())
+        if match:
+            return match.group(1).strip()
+    return None
+
+
 def _config_message(stderr: str) -> str:
-    for line in stderr.splitlines():
-        if line.startswith("config error:"):
-            return line[len("config error:"):].strip()
-    return _last_lines(stderr, 4)
+    return _error_line(stderr) or _last_lines(stderr, 4)
 
 
 def classify(exit_code: int, stop_cause: Optional[str], summary: Optional[Dict[str, Any]], stderr: str,
@@ -198,12 +211,15 @@ def classify(exit_code: int, stop_cause: Optional[str], summary: Optional[Dict[s
         if exit_code == EXIT_CONFIG or _HYDRA_CONFIG_ERRORS.search(stderr or ""):
             return Outcome("FAIL", reason="config", message=_config_message(stderr), exit_code=exit_code,
                            stderr_tail=stderr)
+        if exit_code == EXIT_LAUNCH and "could not start" in (stderr or ""):
+            return Outcome("FAIL", reason="launch", message=_last_lines(stderr, 1), exit_code=exit_code,
+                           stderr_tail=stderr)
         if exit_code in EXIT_REASONS and exit_code != 1:
             reason = EXIT_REASONS[exit_code]
         else:
             reason = "crash"
         message = f"exit code {exit_code}, no final {METRICS_FILE}"
-        last = _last_lines(stderr)
+        last = (_error_line(stderr) if reason == "data" else None) or _last_lines(stderr)
         return Outcome("FAIL", reason=reason, message=f"{message}: {last}" if last else message,
                        summary=partial, exit_code=exit_code, stderr_tail=stderr)
     status = summary.get("status")
@@ -243,8 +259,8 @@ def run_trial(cmd: Sequence[str], run_dir: Path, objectives: Sequence[Objective]
     prepare_run_dir(run_dir)
     try:
         exit_code, stop_cause, seconds = run_subprocess(cmd, run_dir, **kwargs)
-    except OSError as err:  # the trainer command itself could not start
-        return Outcome("FAIL", reason="crash", message=f"could not start {cmd[0]!r}: {err}", run_dir=run_dir)
+    except OSError as err:  # the trainer command itself could not start: every trial would meet this
+        return Outcome("FAIL", reason="launch", message=f"could not start {cmd[0]!r}: {err}", run_dir=run_dir)
     outcome = classify(exit_code, stop_cause, read_metrics(run_dir), tail(run_dir / "stderr.log"), objectives)
     outcome.duration_s = seconds
     outcome.run_dir = run_dir

@@ -5,6 +5,7 @@ Pure Python + PyYAML: importing this module does not import Optuna or MLflow.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import sys
@@ -14,8 +15,20 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
+from grafccsr.metrics.keys import VIEW_COLUMNS
+from grafccsr.paths import IN_CHECKOUT, PROJECT_ROOT
+
+STUDIES_DIR = PROJECT_ROOT / "sweeps" if IN_CHECKOUT else Path(__file__).resolve().parent.parent / "studies"
+"""The shipped study files: ``sweeps/`` in a checkout, the package ``grafccsr.studies`` installed."""
+GPU_STUDY = "memory_quality"
+"""The study `make sweep` runs on a machine with CUDA."""
+CPU_STUDY = "memory_quality_cpu"
+"""... and on one without: the same question at CPU sizes."""
+
 # Objective name -> path into metrics.json. FID/KID names carry the extractor: fid_rf / kid_rf_*
-# for the offline random-feature extractor, fid / kid_* for torch-fidelity's Inception.
+# for the offline random-feature extractor, fid / kid_* for torch-fidelity's Inception. The
+# pose-matched scores on held-out views (view_psnr, view_ssim_best, ...; higher is better) are
+# objectives too, overall or for one class (view_psnr/<class>).
 METRIC_PATHS: Dict[str, tuple] = {
     "peak_memory_mb": ("peak_memory_mb",),
     "fid": ("eval", "fid"),
@@ -28,6 +41,7 @@ METRIC_PATHS: Dict[str, tuple] = {
     "rays_per_s": ("perf", "perf/rays_per_s"),
     "points_per_s": ("perf", "perf/points_per_s"),
     "process_peak_rss_mb": ("process_peak_rss_mb",),
+    **{name: ("eval", name) for name in VIEW_COLUMNS},
 }
 DEFAULT_OBJECTIVES = [("peak_memory_mb", "minimize"), ("fid_rf", "minimize")]
 SAMPLERS = ("tpe", "nsga2", "grid", "random")
@@ -88,7 +102,7 @@ class Objective:
 
 
 def extract_metric(summary: Mapping[str, Any], metric: str) -> Optional[float]:
-    path = METRIC_PATHS.get(metric) or tuple(metric.split("."))
+    path = METRIC_PATHS.get(metric) or (("eval", metric) if is_view_metric(metric) else tuple(metric.split(".")))
     node: Any = summary
     for part in path:
         if not isinstance(node, Mapping) or part not in node:
@@ -98,6 +112,11 @@ def extract_metric(summary: Mapping[str, Any], metric: str) -> Optional[float]:
         return None
     value = float(node)
     return value if math.isfinite(value) else None
+
+
+def is_view_metric(metric: str) -> bool:
+    """A pose-matched score, overall (``view_psnr``) or of one class (``view_psnr/<class>``)."""
+    return metric.split("/", 1)[0] in VIEW_COLUMNS
 
 
 @dataclass
@@ -400,10 +419,11 @@ def _parse_objectives(objectives_raw: Any) -> List[Objective]:
         if not isinstance(o, Mapping) or "metric" not in o:
             raise SpecError(f"objectives[{i}] must be {{metric: ..., direction: minimize|maximize}}")
         metric = str(o["metric"])
-        if metric not in METRIC_PATHS and "." not in metric:
-            raise SpecError(f"objectives[{i}].metric {metric!r} unknown; use one of {sorted(METRIC_PATHS)} "
-                            "or a dotted path into metrics.json")
-        direction = str(o.get("direction", "maximize" if metric.endswith("_per_s") else "minimize")).lower()
+        if metric not in METRIC_PATHS and "." not in metric and not is_view_metric(metric):
+            raise SpecError(f"objectives[{i}].metric {metric!r} unknown; use one of {sorted(METRIC_PATHS)}, "
+                            "view_<metric>/<class>, or a dotted path into metrics.json")
+        higher_is_better = metric.endswith("_per_s") or is_view_metric(metric)
+        direction = str(o.get("direction", "maximize" if higher_is_better else "minimize")).lower()
         if direction not in ("minimize", "maximize"):
             raise SpecError(f"objectives[{i}].direction must be minimize or maximize")
         objectives.append(Objective(metric, direction))
@@ -471,10 +491,25 @@ def _parse_submitit(raw: Any, launcher: str) -> SubmititSpec:
     return out
 
 
+def shipped_studies() -> List[str]:
+    """The names of the study files that come with the project (``grafccsr-sweep NAME``)."""
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def find_study(name_or_path: str | Path) -> Path:
+    """A study file given by path, or a shipped study by name (``smoke``, ``smoke.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and (STUDIES_DIR / f"{path.stem}.yaml").is_file() and path.suffix in ("", ".yaml"):
+        return STUDIES_DIR / f"{path.stem}.yaml"
+    names = shipped_studies()
+    hint = f"; shipped studies, by name: {', '.join(names)}" if names else ""
+    raise SpecError(f"study file not found: {path}{hint}")
+
+
 def load_spec(path: Path) -> StudySpec:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"study file not found: {path}")
+    path = find_study(path)
     try:
         raw = load_yaml(path)
     except yaml.YAMLError as err:
@@ -527,3 +562,29 @@ def short_names(keys: Sequence[str]) -> Dict[str, str]:
     """``train.amp.policy`` -> ``policy`` unless two keys share a last component."""
     last = [k.split(".")[-1].lstrip("+") for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def overrides_by_key(overrides: Sequence[str]) -> Dict[str, str]:
+    """Hydra overrides as ``key -> override`` (the last one of a key wins, as in Hydra)."""
+    return {_override_key(o): o for o in overrides}
+
+
+def override_difference(recorded: Sequence[str], now: Sequence[str]) -> str:
+    """What changed between two lists of fixed overrides, in a few words ('' when nothing did):
+    ``train.max_iters=4 -> train.max_iters=8; added eval.num_samples=32; dropped train.ckpt_every=0``."""
+    old, new = overrides_by_key(recorded), overrides_by_key(now)
+    parts = [f"{old[k]} -> {new[k]}" for k in old if k in new and old[k] != new[k]]
+    added = [new[k] for k in new if k not in old]
+    dropped = [old[k] for k in old if k not in new]
+    if added:
+        parts.append("added " + " ".join(added))
+    if dropped:
+        parts.append("dropped " + " ".join(dropped))
+    return "; ".join(parts)
+
+
+def derived_study_name(name: str, fixed_overrides: Sequence[str]) -> str:
+    """The study a run with other fixed overrides goes to with ``--new-study``: the same name
+    with a digest of the overrides, so that the same command resumes it."""
+    digest = hashlib.sha1("\n".join(overrides_by_key(fixed_overrides).values()).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"

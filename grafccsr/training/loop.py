@@ -24,12 +24,15 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from grafccsr.config import Config, flatten, to_dict, to_yaml
+from grafccsr.config import Config, ConfigError, flatten, to_dict, to_yaml
 from grafccsr.data import build_dataset, build_loader
 from grafccsr.measure import PhaseMemory, process_peak_rss_mb
 from grafccsr.metrics import evaluate_generator, keyed, metric_key
+from grafccsr.metrics.keys import logged_view_key
+from grafccsr.metrics.views import ViewEvaluation, evaluate_views, save_views_grid
 from grafccsr.tracking import Tracker
 from grafccsr.tracking.provenance import provenance_tags
+from grafccsr.tracking.files import is_write_failure, log_files, writing
 from grafccsr.tracking.summary import write_summary
 from grafccsr.training.build import build_run, device_name, resolve_device
 from grafccsr.training import distributed
@@ -47,6 +50,8 @@ from grafccsr.training.checkpoint import (
 from grafccsr.training.distributed import BUDGET, ERROR, NONFINITE, OK, OOM, STOP, Dist, RankFailure
 from grafccsr.training.faults import fault_from_env
 from grafccsr.training.outcome import (
+    EXIT_CONFIG,
+    EXIT_DISK,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_NONFINITE,
@@ -56,7 +61,7 @@ from grafccsr.training.outcome import (
     is_out_of_memory,
 )
 from grafccsr.training.samples import sample_grid, sample_latents, save_sample_grid
-from grafccsr.training.stats import Stats, fmt, throughput
+from grafccsr.training.stats import Stats, fmt, throughput, train_key
 from grafccsr.training.step import Batch, NonFiniteLoss
 
 log = logging.getLogger("grafccsr.train")
@@ -118,6 +123,8 @@ class Trainer:
         self.opened = False
         self.in_step = False
         self.summary: Dict[str, Any] = {}
+        self.points_sum, self.points_reports = 0.0, 0  # measured field evaluations per ray, over the run
+        self.last_grids: Dict[str, Path] = {}  # the newest sample and held-out views grids
 
     # ------------------------------------------------------------------ the run
 
@@ -143,9 +150,15 @@ class Trainer:
         """Record why the run ended; tell the other ranks when they cannot know yet; keep the
         last state of an interrupted run. Re-raises a bug (after recording it)."""
         status = _status_of(err)
+        if isinstance(err, ConfigError) and not self.opened:  # the tracking server refused to start a run
+            self.fail("FAILED", "config", EXIT_CONFIG, str(err))
+            raise err
+        disk = is_write_failure(err)
         if status == STOP:
             self.fail("KILLED", "interrupted", EXIT_INTERRUPTED,
                       f"stopped by {stop.requested or 'SIGINT'} at iteration {self.iteration}")
+        elif disk:
+            self.fail("FAILED", "disk", EXIT_DISK, _disk_message(err))
         elif status == NONFINITE:
             self.fail("FAILED", "nonfinite", EXIT_NONFINITE, str(err))
         elif status == OOM:
@@ -157,8 +170,13 @@ class Trainer:
             _ignore_dead_peers(lambda: self.dist.agree(status))
         if status == STOP and self.iteration > max(self.start_iter, self.checkpointed_at):
             ranks = _ignore_dead_peers(lambda: self.dist.gather(self.rank_state()))
-            self.save(CHECKPOINT_NAME, ranks)
-        if status == ERROR and not isinstance(err, RankFailure):
+            try:
+                self.save(CHECKPOINT_NAME, ranks)
+            except OSError as save_err:
+                if not is_write_failure(save_err):
+                    raise
+                self.fail("FAILED", "disk", EXIT_DISK, _disk_message(save_err))
+        if status == ERROR and not disk and not isinstance(err, RankFailure):
             raise err
 
     def setup(self) -> None:
@@ -194,6 +212,11 @@ class Trainer:
         log.info("data: %d images, %d classes, %d px (%s); generator %.3g M, discriminator %.3g M parameters",
                  len(self.dataset), self.dataset.num_classes, self.dataset.image_size, self.dataset.root,
                  g_params / 1e6, d_params / 1e6)
+        render = cfg.model.render
+        if render.fine_network and render.coarse_loss == "none":
+            log.warning("model.render.coarse_loss=none (graf_ccsr upstream): the coarse network enters no loss and "
+                        "never trains; a frozen random network places the importance samples "
+                        "(model.render.coarse_loss=match_fine trains it)")
 
     def resume(self, state: Dict[str, Any]) -> None:
         """Models, optimisers, RNG streams and counters of a checkpoint (each rank its own streams)."""
@@ -211,21 +234,23 @@ class Trainer:
         if not self.is_main:
             return
         cfg = self.cfg
-        self.opened = True
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_files(self.output_dir)
         tags = {"exp": cfg.exp_name, "device": device_name(self.device), "torch": torch.__version__,
                 "fid_extractor": cfg.eval.extractor, "output_dir": str(self.output_dir.resolve()),
-                "status_detail": "running", **provenance_tags()}
+                "status_detail": "running", "world_size": str(self.dist.world_size), **provenance_tags()}
         if self.note:
             tags["mlflow.note.content"] = self.note
         self.tracker = self.tracker_factory(cfg.tracking, run_name=self.run_name or f"{cfg.exp_name}-{self.output_dir.name}",
                                             resume_run_id=self.run_id, tags=tags)
+        self.opened = True  # from here on the run ends with a status (an unreachable server stopped it before)
+        with writing(self.output_dir):
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(self.output_dir)
         self.tracker.set_tags({"output_dir": str(self.output_dir.resolve()), "status_detail": "running"})
         self.tracker.log_params(flatten(cfg))
         self.tracker.log_dataset(self.dataset)
         config_path = self.output_dir / "config.yaml"
-        config_path.write_text(to_yaml(cfg))
+        with writing(config_path):
+            config_path.write_text(to_yaml(cfg))
         self.tracker.log_artifact(config_path)
         t = cfg.train
         log.info("run folder %s; %s iterations %d..%d, batch %d%s, %d^2 patches, %d samples/ray%s",
@@ -243,7 +268,7 @@ class Trainer:
         try:
             for iteration in range(self.start_iter, t.max_iters):
                 self.iteration = iteration
-                with self.stats.timer("timing/data_s"):
+                with self.stats.timer("perf/data_s"):
                     batch = self.next_batch(iteration)
                 self.train_clock = time.perf_counter() - clock_start
                 # rank 0's clock decides (only it skips snapshot time); the agreement spreads it
@@ -259,15 +284,15 @@ class Trainer:
                 start = time.perf_counter()
                 self.train_step(batch, iteration, track)
                 seconds = time.perf_counter() - start
-                self.stats.report("timing/step_s", seconds)
+                self.stats.report("perf/step_s", seconds)
                 if not track:  # the live-tensor tracker slows the iterations it measures
-                    self.stats.report("timing/untracked_step_s", seconds)
+                    self.stats.report("perf/untracked_step_s", seconds)
                     self.timed["iterations"] += 1
                     self.timed["seconds"] += seconds
                 self.iteration = done = iteration + 1
                 if progress is not None:
                     progress.update(1)
-                with self.stats.timer("timing/maintenance_s"):
+                with self.stats.timer("perf/maintenance_s"):
                     clock_start = self.maintenance(done, clock_start)
             self.train_clock = time.perf_counter() - clock_start
         finally:
@@ -282,7 +307,10 @@ class Trainer:
             self.in_step = True
             try:
                 with self.memory.phase(phase, track_live=track, state=live_state):
-                    self.stats.report_all(step(batch, iteration))
+                    sums = step(batch, iteration)
+                    self.stats.report_all({train_key(k): v for k, v in sums.items()})
+                    self.points_sum, self.points_reports = self.points_sum + sums["perf/points_per_ray"], \
+                        self.points_reports + 1
             except (RankFailure, NonFiniteLoss):
                 raise  # every rank raises these alike
             except Exception as err:
@@ -290,6 +318,10 @@ class Trainer:
                 raise
             finally:
                 self.in_step = False
+        if self.step.occupancy_due(iteration):  # the grid's cadence, like the EMA's; part of the iteration's time
+            with self.stats.timer("perf/grid_update_s"), \
+                    self.memory.phase("grid_update", track_live=track, state=self.step.modules_and_optimizers()):
+                self.step.update_occupancy(iteration)
 
     def maintenance(self, done: int, clock_start: float) -> float:
         """What happens between iterations on their cadences: first what every rank takes part
@@ -328,7 +360,7 @@ class Trainer:
     def finish(self) -> None:
         """After the last iteration: the last window, samples, evaluation and checkpoint."""
         t, done = self.cfg.train, self.iteration
-        window = self.collect_window() if self.stats.count("timing/step_s") else None
+        window = self.collect_window() if self.stats.count("perf/step_s") else None
         ranks = self.dist.gather(self.rank_state())
         if not self.is_main:
             return
@@ -349,20 +381,52 @@ class Trainer:
         """Write ``metrics.json`` and end the tracking run with the run's status (every path)."""
         if not self.is_main:
             return
-        level = logging.INFO if self.status == "FINISHED" else logging.ERROR
-        log.log(level, "%s%s at iteration %d", self.status, f" ({self.reason}: {self.message})" if self.reason else
-                (f" ({self.message})" if self.message else ""), self.iteration)
         if not self.opened:  # stopped before the run was opened: nothing to record
+            if self.reason != "config":  # a refused start is the command line's one error line
+                self.log_end()
             return
         self.summary = self.make_summary()
-        path = write_summary(self.output_dir, self.summary)
+        path = self.write_summary()
         try:
             self.tracker.set_tags({"status_detail": self.reason or "finished", "failure_reason": self.reason or ""})
             # run-level figures as the last value of each metric (perf: the run's average)
             self.tracker.log_metrics({**self.memory.summary(), **self.summary["perf"]}, step=self.iteration)
-            self.tracker.log_artifact(path)
+            if path is not None:
+                self.tracker.log_artifact(path)
+            files = []  # the newest grids, where the run's description links them
+            for folder, grid in self.last_grids.items():
+                self.tracker.log_artifact(grid, folder)
+                files.append(f"{folder}/{grid.name}")
+            files += [f.name for f in log_files()] + (["metrics.json"] if path is not None else []) + ["config.yaml"]
+            self.tracker.describe(self.summary, self.note, files)
         finally:
-            self.tracker.end(self.status)
+            self.log_end()  # the log's last line, then the log itself (train.log), whatever the end
+            for log_file in log_files():
+                self.tracker.log_artifact(log_file)
+            self.tracker.end(self.status)  # bounded: a lost server is skipped
+        if path is not None and self.tracker.report() != self.summary.get("tracking"):  # lost at the very end
+            self.summary["tracking"] = self.tracker.report()
+            self.write_summary()
+
+    def write_summary(self) -> Optional[Path]:
+        """``metrics.json``; on a full or refusing disk the run ends FAILED (disk) and None."""
+        try:
+            return write_summary(self.output_dir, self.summary)
+        except OSError as err:
+            if not is_write_failure(err):
+                raise
+            ended = self.status + (f" ({self.reason})" if self.reason else "")
+            self.fail("FAILED", "disk", EXIT_DISK, f"{_disk_message(err)} (the run had ended {ended})")
+            self.summary.update(status=self.status, reason=self.reason, message=self.message)
+            return None
+
+    def log_end(self) -> None:
+        level = logging.INFO if self.status == "FINISHED" else logging.ERROR
+        lost = self.summary.get("tracking") or {}
+        note = (f"; MLflow tracking lost at iteration {lost['lost_at_iteration']} ({lost['lost_cause']})"
+                if lost.get("state") == "lost" else "")
+        log.log(level, "%s%s at iteration %d%s", self.status, f" ({self.reason}: {self.message})" if self.reason else
+                (f" ({self.message})" if self.message else ""), self.iteration, note)
 
     # ------------------------------------------------------------------ steps of the loop
 
@@ -378,23 +442,24 @@ class Trainer:
         """The log window's means (losses are already averaged over the ranks by the steps), its
         throughput, and memory peaks as the maximum over the ranks. Every rank calls this."""
         window = self.stats.collect()
-        untracked = window.pop("timing/untracked_step_s", None)
+        untracked = window.pop("perf/untracked_step_s", None)
         if untracked:  # the window's mean seconds per untracked iteration
-            window.update(throughput(1, untracked, self.rays_per_iteration, self.points_per_ray))
+            window.update(throughput(1, untracked, self.rays_per_iteration,
+                                     window.get("perf/points_per_ray", self.points_per_ray)))
         window.update(self.dist.max_over_ranks({**self.memory.pop_window(),
                                                 "mem/process_peak_rss_mb": process_peak_rss_mb()}))
         return window
 
     def log_window(self, done: int, metrics: Dict[str, float]) -> None:
-        self.losses = {k: v for k, v in metrics.items() if k.startswith(("loss/", "d/"))}
+        self.losses = {k: v for k, v in metrics.items() if k.startswith("train/")}
         metrics["train/lr_g"] = self.step.opt_g.param_groups[0]["lr"]
-        metrics["train/global_batch"] = self.cfg.train.batch_size
-        metrics["dist/world_size"] = self.dist.world_size
-        self.tracker.log_metrics(metrics, step=done)
+        # the training step's peak first: MLflow's compare page plots a run's first logged metric
+        self.tracker.log_metrics({**{k: v for k, v in metrics.items() if k.startswith("mem/train_peak")}, **metrics},
+                                 step=done)
         losses = self.losses
         peak = metrics.get("mem/train_peak_allocated_mb", metrics.get("mem/train_peak_live_tensors_mb"))
         log.info("it %d/%d  d %s  g %s  r1 %s  logit gap %s  %s it/s%s", done, self.cfg.train.max_iters,
-                 fmt(losses.get("loss/d")), fmt(losses.get("loss/g")), fmt(losses.get("loss/r1")),
+                 fmt(losses.get("train/loss_d")), fmt(losses.get("train/loss_g")), fmt(losses.get("train/loss_r1")),
                  fmt(_gap(losses)), fmt(metrics.get("perf/it_per_s")),
                  f"  peak {peak:.0f} MiB" if peak is not None else "")
 
@@ -403,16 +468,22 @@ class Trainer:
         with self.memory.phase("sample", track_live=track, state=self.step.modules_and_optimizers()):
             images = sample_grid(self.step.sampling_generator, self.cfg, self.dataset.num_classes, self.sample_z,
                                  self.device)
-        path = save_sample_grid(images, self.output_dir / "samples" / f"{done:07d}.png", self.cfg,
-                                self.dataset.class_names)
+        path = self.output_dir / "samples" / f"{done:07d}.png"
+        with writing(path):
+            save_sample_grid(images, path, self.cfg, self.dataset.class_names)
         self.tracker.log_image(path, key="samples", step=done)
+        self.last_grids["samples"] = path
         self.release_cache()
 
     def run_eval(self, done: int) -> None:
         cfg = self.cfg
         track = cfg.memory.track_peak_every > 0
         with self.memory.phase("eval", track_live=track, state=self.step.modules_and_optimizers()):
-            result = evaluate_generator(self.step.sampling_generator, self.dataset, cfg, self.device, seed=cfg.train.seed)
+            bar = cfg.train.progress and self.is_main  # the final evaluation of the default job takes minutes
+            result = evaluate_generator(self.step.sampling_generator, self.dataset, cfg, self.device, seed=cfg.train.seed,
+                                        progress=bar)
+            views = evaluate_views(self.step.sampling_generator, self.dataset, cfg, self.device, seed=cfg.train.seed,
+                                   progress=bar)
         self.evaluation = keyed(result)
         names = ("fid", "kid_mean", "kid_std")
         self.tracker.log_metrics({f"eval/{metric_key(n, cfg.eval.extractor)}": result[n] for n in names}, step=done)
@@ -420,10 +491,24 @@ class Trainer:
         log.info("eval at iteration %d (%s, %d samples): %s %.4g, %s %.4g", done, cfg.eval.extractor,
                  result["num_samples"], metric_key("fid", cfg.eval.extractor), result["fid"],
                  metric_key("kid_mean", cfg.eval.extractor), result["kid_mean"])
+        if views is not None:
+            self.log_views(done, views)
         if value < self.best["value"]:
             self.best.update(value=value, iteration=done, metric=metric_key(cfg.eval.best_metric, cfg.eval.extractor))
             self.save(BEST_NAME)
         self.release_cache()
+
+    def log_views(self, done: int, views: ViewEvaluation) -> None:
+        """The pose-matched metrics on the held-out views (``eval/view_*``) and their grid."""
+        self.evaluation.update(views.metrics, view_holdout=views.record)
+        self.tracker.log_metrics({logged_view_key(k): v for k, v in views.metrics.items()}, step=done)
+        path = save_views_grid(views, self.output_dir / "views" / f"{done:07d}.png")
+        self.tracker.log_image(path, key="views", step=done)
+        self.last_grids["views"] = path
+        m = views.metrics
+        log.info("held-out views at iteration %d (%d views x %d codes): PSNR %.2f dB (best code %.2f), SSIM %.3f, "
+                 "IoU %.3f", done, views.record["views"], views.record["codes"], m["view_psnr"], m["view_psnr_best"],
+                 m["view_ssim"], m["view_iou"])
 
     def rank_state(self) -> Dict[str, Any]:
         """This rank's random streams (gathered into checkpoints, so a resume restores every rank)."""
@@ -468,6 +553,11 @@ class Trainer:
         return tqdm(total=self.cfg.train.max_iters, initial=self.start_iter, desc=self.cfg.exp_name, unit="it",
                     dynamic_ncols=True, disable=None)
 
+    def run_points_per_ray(self) -> float:
+        """Field evaluations per ray measured over the run's D and G steps (the configured count
+        before any step: an upper bound with the occupancy grid or early termination)."""
+        return float(self.points_sum) / self.points_reports if self.points_reports else float(self.points_per_ray)
+
     def make_summary(self) -> Dict[str, Any]:
         cfg, device = self.cfg, self.device
         peaks = self.memory.summary()
@@ -494,11 +584,12 @@ class Trainer:
             "peak_memory_measure": "cuda_peak_reserved" if is_cuda else "peak_live_tensors",
             "peak_memory_scope": "training step (d_step, g_step); see memory for sample/eval",
             "process_peak_rss_mb": process_peak_rss_mb(),
-            "perf": _with_count(self.timed["iterations"], throughput(
-                self.timed["iterations"], self.timed["seconds"], self.rays_per_iteration, self.points_per_ray)),
+            "perf": _with_count(self.timed["iterations"], self.run_points_per_ray(), throughput(
+                self.timed["iterations"], self.timed["seconds"], self.rays_per_iteration, self.run_points_per_ray())),
             "losses": self.losses,
             "eval": evaluation,
             "fid_extractor": cfg.eval.extractor,
+            "tracking": self.tracker.report(),
             "output_dir": str(self.output_dir.resolve()),
             "checkpoint": str(self.output_dir.resolve() / CHECKPOINT_NAME),
         }
@@ -513,9 +604,19 @@ def _ignore_dead_peers(collective):
         return None
 
 
-def _with_count(iterations: int, perf: Dict[str, float]) -> Dict[str, float]:
-    """The run's throughput with how many timed iterations it rests on (logged once, at the end)."""
-    return {"perf/timed_iterations": iterations, **perf} if perf else perf
+def _disk_message(err: OSError) -> str:
+    """One line: the file, the OS error, and what was kept."""
+    path = Path(getattr(err, "path", None) or err.filename or "the run folder")
+    text = f"could not write {path}: [Errno {err.errno}] {err.strerror}"
+    if path.suffix == ".pt":
+        text += f"; the partial file was removed{f', the previous {path.name} is intact' if path.is_file() else ''}"
+    return text
+
+
+def _with_count(iterations: int, points_per_ray: float, perf: Dict[str, float]) -> Dict[str, float]:
+    """The run's throughput with how many timed iterations it rests on and the field evaluations
+    per ray it measured (logged once, at the end)."""
+    return {"perf/timed_iterations": iterations, "perf/points_per_ray": points_per_ray, **perf} if perf else perf
 
 
 def _status_of(err: BaseException) -> int:
@@ -531,8 +632,8 @@ def _status_of(err: BaseException) -> int:
 
 def _gap(losses: Dict[str, float]) -> Optional[float]:
     """Mean real logit minus mean fake logit: how well D tells them apart."""
-    if "d/real_logit" in losses and "d/fake_logit" in losses:
-        return losses["d/real_logit"] - losses["d/fake_logit"]
+    if "train/d_real_logit" in losses and "train/d_fake_logit" in losses:
+        return losses["train/d_real_logit"] - losses["train/d_fake_logit"]
     return None
 
 

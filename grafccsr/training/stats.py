@@ -37,7 +37,7 @@ class Stats:
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
-        """Report the wall seconds of the block as ``name`` (e.g. ``timing/step_s``)."""
+        """Report the wall seconds of the block as ``name`` (e.g. ``perf/step_s``)."""
         start = time.perf_counter()
         try:
             yield
@@ -52,6 +52,20 @@ class Stats:
         out = {name: float(total) / self._counts[name] for name, total in self._sums.items()}
         self._sums, self._counts = {}, {}
         return out
+
+
+def train_key(name: str) -> str:
+    """The logged name of a training step's statistic: the losses (``loss/d`` -> ``train/loss_d``)
+    and D's mean logits (``d/real_logit`` -> ``train/d_real_logit``) go with the learning rate under
+    ``train/``; ``perf/*`` keeps its name. MLflow's UI groups a run's charts by what precedes the
+    key's last ``/`` and orders the groups alphabetically, so ``eval/`` and ``mem/``
+    come first (:mod:`grafccsr.tracking.ui`)."""
+    group, _, rest = name.partition("/")
+    if group == "loss":
+        return f"train/loss_{rest}"
+    if group == "d":
+        return f"train/d_{rest}"
+    return name
 
 
 def throughput(iterations: int, seconds: float, rays_per_iteration: int, points_per_ray: int) -> Dict[str, float]:

@@ -1,0 +1,1 @@
+"""Study files: in a checkout at the top (sweeps/), installed as ``grafccsr.studies``."""
