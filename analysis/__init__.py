@@ -1,10 +1,14 @@
 """Analysis of grafccsr runs: MLflow runs (and Optuna trials) as pandas frames, Pareto
 fronts, plots, the memory guide's table measured, and reports.
 
-Run from the repository root (the folder is not part of the installed package)::
+Run from the repository root::
 
     python -m analysis.ablation [--preset cpu|gpu] [--iters N] [overrides ...]
     python -m analysis.report [--name EXPERIMENT_OR_STUDY] [--tracking-uri URI] [--storage URL]
+
+The installed wheel carries this folder as ``grafccsr_analysis`` (``grafccsr-report``,
+``grafccsr-quality``), so that no top-level ``analysis`` clashes with another distribution's;
+the modules import each other relatively, and work under either name.
 
 Modules, each importing only those above it:
 

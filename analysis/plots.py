@@ -18,8 +18,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.pareto import pareto_front
-from analysis.runs import MEMORY_MEASURES, MIN_TIMED_ITERATIONS, by_memory_measure, measured_throughput, quality_label
+from .pareto import pareto_front
+from .runs import MEMORY_MEASURES, MIN_TIMED_ITERATIONS, by_memory_measure, measured_throughput, quality_label
 
 DPI = 110
 MIN_CURVE_POINTS = 3

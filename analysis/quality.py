@@ -275,7 +275,7 @@ def table_markdown(summary: Dict, settings: Dict) -> str:
 
 
 def plot_curves(summary: Dict, path: Path) -> Path:
-    from analysis.plots import MIN_CURVE_POINTS, _plt
+    from .plots import MIN_CURVE_POINTS, _plt
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

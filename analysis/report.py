@@ -4,9 +4,10 @@
 [--out reports/] [--kind auto|ablation|sweep|experiment] [--batch ID] [--no-log]``
 
 ``--tracking-uri`` is any MLflow tracking URI (the project's SQLite file by default, or an
-``http(s)://`` tracking server); ``--storage`` any Optuna storage URL (the project's
-``sweeps/optuna.db`` by default, ``journal:<file>``, or ``postgresql+psycopg2://...``). Both are
-read through their clients only.
+``http(s)://`` tracking server); ``--storage`` any Optuna storage URL (default
+``$GRAFCCSR_STORAGE``, else the project's ``sweeps/optuna.db``; ``journal:<file>``; a database
+URL with a password belongs in ``$GRAFCCSR_STORAGE``, not on a command line that ``ps`` shows).
+Both are read through their clients only.
 
 What ``--name`` means is found out in this order: an Optuna study of that name in the storage
 (or an MLflow parent run tagged ``sweep_study=<name>``) is a **sweep** (Pareto plot and front
@@ -25,16 +26,18 @@ first call.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from analysis.render import Report, render_html, render_markdown
-from analysis.runs import REPORT_TAG, all_experiments, client, redact, resolve_tracking_uri, search_runs, tag_filter
-from analysis.sections import build_ablation, build_experiment, build_sweep
-from analysis.studies import find_sweep_parent, study_names
+from .render import Report, render_html, render_markdown
+from .runs import REPORT_TAG, all_experiments, client, redact, resolve_tracking_uri, search_runs, tag_filter
+from .sections import build_ablation, build_experiment, build_sweep
+from .studies import find_sweep_parent, study_names
 from grafccsr.paths import program_name
-from grafccsr.sweeping.storage import resolve_storage_url
+from grafccsr.services.local import STORAGE_ENV
+from grafccsr.sweeping.storage import has_password, resolve_storage_url
 
 KINDS = ("auto", "ablation", "sweep", "experiment")
 REPORTS_EXPERIMENT = "reports"
@@ -173,8 +176,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI: SQLite file or http(s):// server (default sqlite:///<project>/mlflow.db)")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage: sqlite:///..., journal:<file> or a database URL such as "
-                        "postgresql+psycopg2://USER:PASS@HOST/DB (default sqlite:///<project>/sweeps/optuna.db)")
+                   help=f"Optuna storage: sqlite:///..., journal:<file> or a database URL without a password "
+                        f"(default ${STORAGE_ENV}, where a URL with one goes; else sqlite:///<project>/sweeps/optuna.db)")
     p.add_argument("--out", default="reports", help="output root (default reports/)")
     p.add_argument("--kind", choices=KINDS, default="auto")
     p.add_argument("--batch", default=None, help="ablation batch id (default: the latest)")
@@ -184,8 +187,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.storage and has_password(args.storage):
+        print(f"warning: --storage holds a password, which every local user can read with ps while this runs; "
+              f"put the URL in ${STORAGE_ENV} instead", file=sys.stderr)
+    storage = args.storage or os.environ.get(STORAGE_ENV) or None
     try:
-        write_report(args.name, uri=args.tracking_uri, storage=args.storage, out=Path(args.out), kind=args.kind,
+        write_report(args.name, uri=args.tracking_uri, storage=storage, out=Path(args.out), kind=args.kind,
                      batch=args.batch, log=not args.no_log)
     except LookupError as err:
         print(f"error: {err}", file=sys.stderr)

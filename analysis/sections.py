@@ -11,16 +11,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from analysis import plots
-from analysis.ablation.table import (MEASURES, ablation_table, findings as ablation_findings, headline_measure,
+from . import plots
+from .ablation.table import (MEASURES, ablation_table, findings as ablation_findings, headline_measure,
                                      load_ablation, select_batch, table_header, table_markdown)
-from analysis.pareto import pareto_front
-from analysis.render import Report, fmt, frame_markdown, frame_text
-from analysis.runs import (MIN_TIMED_ITERATIONS, QUALITY_COLUMNS, extractor_of, load_runs, measured_throughput,
+from .pareto import pareto_front
+from .render import Report, fmt, frame_markdown, frame_text
+from .runs import (MIN_TIMED_ITERATIONS, QUALITY_COLUMNS, extractor_of, load_runs, measured_throughput,
                            metric_histories, quality_label, quality_present)
 
 QUALITY_OF = {col for cols in QUALITY_COLUMNS.values() for col in cols}
-from analysis.studies import load_sweep
+from .studies import load_sweep
 
 CURVE_RUNS = 8
 """At most this many runs per quality-curve plot."""

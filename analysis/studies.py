@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import pandas as pd
 
-from analysis.runs import (QUALITY_COLUMNS, all_experiments, client, load_runs, redact, resolve_tracking_uri,
+from .runs import (QUALITY_COLUMNS, all_experiments, client, load_runs, redact, resolve_tracking_uri,
                            runs_to_frame, search_runs, tag_filter)
 from grafccsr.sweeping.storage import JOURNAL_PREFIX, local_file, resolve_storage_url
 

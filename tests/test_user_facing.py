@@ -321,8 +321,16 @@ def test_installed_wheel_runs_outside_the_checkout(tmp_path):
     finds the dependencies in this venv's site-packages (a plain path entry: the editable
     install's own .pth files there are not processed, so the checkout stays out of sight)."""
     wheel_dir, env_dir, work = tmp_path / "wheel", tmp_path / "venv", tmp_path / "work"
+    # built from the checkout's files as a clone has them: a build/ left by an earlier in-tree
+    # build would put its stale packages into the wheel
+    source = tmp_path / "source"
+    listed = run("git", "-C", str(PROJECT_ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    for name in filter(None, listed.stdout.split("\0")):
+        if (PROJECT_ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, source / name)
     built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir),
-                str(PROJECT_ROOT), timeout=300)
+                str(source), timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     venv.create(env_dir, with_pip=False)
     py = env_dir / "bin" / "python"
@@ -339,8 +347,13 @@ def test_installed_wheel_runs_outside_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     help_out = run(str(env_dir / "bin" / "grafccsr-train"), "--help", cwd=work, env=env)
     assert help_out.returncode == 0 and "train.batch_size" in help_out.stdout, help_out.stderr[-2000:]
-    where = run(str(py), "-c", "import grafccsr, analysis; print(grafccsr.__file__, analysis.__file__)", cwd=work, env=env)
-    assert str(PROJECT_ROOT) not in where.stdout and str(env_dir) in where.stdout, where.stdout
+    where = run(str(py), "-c", "import grafccsr, grafccsr_analysis; print(grafccsr.__file__, grafccsr_analysis.__file__)",
+                cwd=work, env=env)
+    assert str(PROJECT_ROOT) not in where.stdout and str(env_dir) in where.stdout, where.stdout + where.stderr
+    clash = run(str(py), "-c", "import analysis", cwd=work, env=env)  # no top-level package of a common name
+    assert clash.returncode != 0 and "No module named 'analysis'" in clash.stderr, clash.stderr
+    report = run(str(env_dir / "bin" / "grafccsr-report"), "--help", cwd=work, env=env)
+    assert report.returncode == 0 and "--name" in report.stdout, report.stderr[-2000:]
     smoke = run(str(env_dir / "bin" / "grafccsr-train"), "+exp=smoke", "train.max_iters=2", "eval.at_end=false",
                 cwd=work, env=env, timeout=300)
     assert smoke.returncode == 0, smoke.stderr[-3000:]

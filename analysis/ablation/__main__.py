@@ -1,5 +1,5 @@
 import sys
 
-from analysis.ablation.launch import main
+from .launch import main
 
 sys.exit(main())

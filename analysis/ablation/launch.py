@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from analysis.ablation.items import ITEMS, PRESETS, Item, Preset, build_command, default_experiment, select_items
-from analysis.report import write_report
-from analysis.runs import PROJECT_ROOT, redact, resolve_tracking_uri
+from .items import ITEMS, PRESETS, Item, Preset, build_command, default_experiment, select_items
+from ..report import write_report
+from ..runs import PROJECT_ROOT, redact, resolve_tracking_uri
 from grafccsr.training.outcome import REASON_BY_EXIT
 
 Runner = Callable[..., int]

@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional
 
 import pandas as pd
 
-from analysis.ablation.items import ITEMS
-from analysis.runs import MIN_TIMED_ITERATIONS, QUALITY_COLUMNS, load_runs, measured_throughput, quality_label
+from .items import ITEMS
+from ..runs import MIN_TIMED_ITERATIONS, QUALITY_COLUMNS, load_runs, measured_throughput, quality_label
 from grafccsr.metrics import RANDOM_FEATURES
 
 MEASURES = {
