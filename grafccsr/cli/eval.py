@@ -11,10 +11,11 @@ checkpoint's training run. The model and data config come from the checkpoint;
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from grafccsr.cli.common import add_overrides, guarded, parse, parser
 from grafccsr.config import ConfigError
@@ -76,19 +77,17 @@ def _override(overrides: List[str], key: str) -> Optional[str]:
     return values[-1] if values else None
 
 
-def _log_view_metrics(uri: str, run_id: str, iteration: int, metrics: dict) -> None:
-    """The ``view_*`` metrics of the evaluation's child run, named as the training run names them
-    (``eval/view_psnr``, ``view_psnr/<class>``; log_evaluation logs the FID/KID keys only)."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
+def logged_values(metrics: Optional[dict]) -> Dict[str, float]:
+    """The evaluation's metrics under the keys a training run logs them with: ``eval/fid...``,
+    ``eval/kid...`` (finite ones), ``eval/view_psnr`` and ``view_psnr/<class>``."""
     from grafccsr.metrics.keys import logged_view_key
 
-    now = int(time.time() * 1000)
-    values = [Metric(logged_view_key(k), float(v), now, iteration) for k, v in metrics.items()
-              if k.startswith("view_") and isinstance(v, float)]
-    if values:
-        MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=values, synchronous=True)
+    if metrics is None:
+        return {}
+    values = {f"eval/{k}": float(v) for k, v in metrics.items()
+              if k.startswith(("fid", "kid")) and isinstance(v, (int, float)) and math.isfinite(float(v))}
+    values.update({logged_view_key(k): v for k, v in metrics.items() if k.startswith("view_") and isinstance(v, float)})
+    return values
 
 
 @guarded(PROG)
@@ -131,9 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         name = f"eval it{model.iteration} {out_dir.name}"
         from grafccsr.tracking.mlflow import log_evaluation  # imports mlflow
 
-        child, url = log_evaluation(uri, model.run_id, name, model.iteration, metrics, files, EXTRACTOR_TAG)
-        if metrics is not None:
-            _log_view_metrics(uri, child, model.iteration, metrics)
+        child, url = log_evaluation(uri, model.run_id, name, model.iteration, logged_values(metrics),
+                                    metrics["extractor"] if metrics is not None else None, files, EXTRACTOR_TAG)
         print(f"logged as MLflow run {child} (child of {model.run_id}): {url}", file=sys.stderr)
     else:
         reason = "tracking.backend=none" if model.run_id else "the checkpoint has no MLflow run"

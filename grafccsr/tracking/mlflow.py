@@ -369,26 +369,25 @@ def _system_metrics(run_id: str, uri: str, interval_s: float, resume: bool):
     return monitor
 
 
-def log_evaluation(uri: str, training_run_id: str, name: str, iteration: int, metrics: Optional[Mapping[str, Any]],
-                   files, extractor_tag: str) -> Tuple[str, str]:
-    """A child run of the training run holding one evaluation (metrics at the checkpoint's
-    iteration, files as artifacts): the training run's own record is never written over.
-    Returns (child run id, its UI link)."""
+def log_evaluation(uri: str, training_run_id: str, name: str, iteration: int, values: Mapping[str, float],
+                   extractor: Optional[str], files, extractor_tag: str) -> Tuple[str, str]:
+    """A child run of the training run holding one evaluation (``values`` under their logged keys
+    at the checkpoint's iteration, the extractor as a tag, files as artifacts): the training run's
+    own record is never written over. Returns (child run id, its UI link)."""
 
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(training_run_id)
     tags = {"mlflow.parentRunId": training_run_id, "mlflow.runName": name, "evaluation_of": training_run_id,
             "evaluated_iteration": str(iteration)}
-    if metrics is not None:
-        tags[extractor_tag] = metrics["extractor"]
+    if extractor is not None:
+        tags[extractor_tag] = extractor
     run = client.create_run(parent.info.experiment_id, tags=tags, run_name=name)
     run_id = run.info.run_id
     try:
-        if metrics is not None:
+        if values:
             now = int(time.time() * 1000)
-            values = [Metric(f"eval/{k}", float(v), now, iteration) for k, v in metrics.items()
-                      if k.startswith(("fid", "kid")) and isinstance(v, (int, float)) and math.isfinite(float(v))]
-            client.log_batch(run_id, metrics=values, synchronous=True)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, iteration) for k, v in values.items()],
+                             synchronous=True)
         for path in files:
             client.log_artifact(run_id, str(path))
     except Exception:
