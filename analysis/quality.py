@@ -403,7 +403,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     fractions = sorted(float(f) for f in args.fractions.split(","))
     runs_dir = args.out / "runs"
-    runs = [Run(r, s, runs_dir / f"{r}-seed{s}") for r in recipes for s in range(args.seeds)]
+    # interleaved (seed-major): a drift of the machine's speed over the benchmark falls on every recipe alike
+    runs = [Run(r, s, runs_dir / f"{r}-seed{s}") for s in range(args.seeds) for r in recipes]
     budget_s = 60.0 * args.budget_min
     seconds = args.train_seconds or TRAIN_SHARE * budget_s / len(runs)
     start = time.perf_counter()

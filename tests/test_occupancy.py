@@ -267,6 +267,59 @@ def test_the_grid_render_reproduces_the_full_render_of_a_known_field(scene):
     assert (grid8["acc"][grid8["points"] == 0] == 0).all()
 
 
+class _AllRays(torch.nn.Module):
+    """The same field without ``forward_gathered``: the renderer then evaluates every ray."""
+
+    def __init__(self, field):
+        super().__init__()
+        self.field = field
+
+    def forward(self, *args):
+        return self.field(*args)
+
+
+@pytest.mark.parametrize("clip", ["grid", "ball"])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_skipping_empty_rays_with_autograd_gives_the_full_renders_values_and_gradients(clip, checkpointed):
+    """Rays that miss the ball or every occupied cell are not evaluated, with autograd too; their
+    intervals have zero length, so the image and every gradient equal those of the render that
+    evaluates every ray (the generator's own field, float64, equal weights, jitter and noise)."""
+    from grafccsr.models import build_models
+
+    extra = ["model.occupancy.resolution=16"] if clip == "grid" else ["model.occupancy.enabled=false",
+                                                                       "model.render.bound_radius=0.4"]
+    s, cfg = _settings(extra, samples_per_ray=6, grad_checkpoint=checkpointed, checkpoint_segment_points=500)
+    torch.manual_seed(0)
+    field = build_models(cfg, 2)[0].field.double()
+    origins, directions = (t.double() for t in _scene_rays(size=12, views=3))
+    occupancy, classes = None, torch.tensor([0, 1, 0])
+    if clip == "grid":
+        grid = OccupancyGrid(cfg.model.occupancy, 2)
+        grid.occupied.zero_()
+        grid.occupied[0, 7:9, 7:9, 7:9] = True
+        grid.occupied[1, 8, 7:9, 6:8] = True
+        occupancy = grid.sampler(classes, s.occupancy_half_size, s.occupancy_steps)
+    zs = torch.randn(3, field.shape_input_dim, dtype=torch.float64)
+    za = torch.randn(3, cfg.model.field.z_appearance_dim, dtype=torch.float64)
+
+    def run(net):
+        net.zero_grad()
+        rng = torch.Generator().manual_seed(1)
+        out = render_rays(net, origins, directions, zs, za, s, iteration=0, generator=rng, occupancy=occupancy)
+        ((out["rgb"] * torch.linspace(-1, 1, out["rgb"].numel(), dtype=torch.float64).view_as(out["rgb"])).sum()
+         + out["acc"].square().sum()).backward()
+        return out, [p.grad.clone() for p in field.parameters()]
+
+    skipped, grads = run(field)
+    full, full_grads = run(_AllRays(field))
+    assert 0.1 < (skipped["points"] == 0).double().mean() < 0.95  # some rays skipped, some not
+    assert (full["points"] == 6).all()
+    for key in ("rgb", "acc", "depth"):
+        torch.testing.assert_close(skipped[key], full[key], rtol=0, atol=1e-12)
+    for g, ref in zip(grads, full_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- in the run
 
 SMOKE_GRID = ["+exp=smoke", "tracking=none", *GRID, "model.occupancy.resolution=16",
@@ -296,7 +349,7 @@ def test_points_per_ray_counts_what_was_evaluated_and_the_ema_copy_gets_the_grid
     assert torch.equal(ema.occupied, grid.occupied) and torch.equal(ema.density, grid.density)
     d, g = step.d_step(batch, 1), step.g_step(batch, 1)
     assert 0 < float(d["perf/points_per_ray"]) < samples  # no graph: rays that miss are skipped
-    assert float(g["perf/points_per_ray"]) == samples  # autograd: static shapes, every ray evaluated
+    assert 0 < float(g["perf/points_per_ray"]) < samples  # with autograd too
     assert "occupancy.occupied" in step.generator.state_dict() and "occupancy.density" in step.generator.state_dict()
     step.update_occupancy(1)  # after the warm-up: cells switched by the field's density
     assert torch.equal(ema.occupied, grid.occupied)
@@ -435,7 +488,7 @@ def test_grid_with_fine_network_amp_checkpointing_and_ccsr():
 def test_estimator_and_flop_counter_see_the_grid():
     """Under FakeTensorMode: the estimator has a grid_update phase (every cell: the upper bound)
     and the FLOP counter adds one update per ``update_every`` iterations, which equals classes x
-    latent_draws x the cells it evaluates x the field's FLOPs per point: every cell during the
+    latent_draws x the cells it evaluates x the field's density FLOPs per point: every cell during the
     warm-up, 2 x update_fraction of them after."""
     from grafccsr.bench.flops import count_flops, fake_iteration_flops
     from grafccsr.models.field import RadianceField
@@ -449,8 +502,10 @@ def test_estimator_and_flop_counter_see_the_grid():
     after = fake_iteration_flops(cfg, 2, iteration=8) - fake_iteration_flops(plain, 2, iteration=8)
     field = RadianceField(cfg.model.field)
     n = 1000
-    per_point = count_flops(lambda: field(torch.rand(1, n, 3), torch.rand(1, n, 3), torch.randn(1, 8),
-                                          torch.randn(1, 8))) / n
+    per_point = count_flops(lambda: field.density(torch.rand(1, n, 3), torch.randn(1, 8))) / n
+    full = count_flops(lambda: field(torch.rand(1, n, 3), torch.rand(1, n, 3), torch.randn(1, 8),
+                                     torch.randn(1, 8))) / n
+    assert per_point < 0.9 * full  # the update evaluates the density only, not the colour branch
     occ = cfg.model.occupancy
     expected = 2 * occ.latent_draws * occ.resolution ** 3 * per_point / occ.update_every
     assert extra == pytest.approx(expected, rel=0.01)

@@ -348,9 +348,9 @@ class RenderConfig:
     same samples_per_ray sample the object more densely (about 4x at the default camera with
     0.37, the ball holding every embedded object); the last sample's interval ends at the ball
     (the plain render's last interval reaches infinity). Rays that miss the ball get
-    zero-length intervals: zero opacity, colour and depth (the background). The field is still
-    evaluated for them (static shapes), except under ``termination_transmittance``, which skips
-    them. CHANGES THE MATHS: anything the field puts outside the ball is not rendered."""
+    zero-length intervals: zero opacity, colour and depth (the background), and the field is
+    not evaluated for them (with autograd too: their gradient would be zero). CHANGES THE MATHS:
+    anything the field puts outside the ball is not rendered."""
     termination_transmittance: float = bounded(0.0, ge=0, lt=1)
     """Early ray termination in renders without autograd (D-step fakes with
     ``memory.fakes_without_graph``, samples, evaluation; 0 = off): samples are processed front to
@@ -530,8 +530,7 @@ class OccupancyConfig:
     exponential moving average of the maximum density of the generator's own radiance field
     over ``latent_draws`` latent codes (never the data). Rays place their ``samples_per_ray``
     samples only in the cells switched on (stratified over the occupied length, jittered in
-    training); rays that cross no such cell render the background and, without autograd, are
-    not evaluated. Updated every ``update_every`` iterations: every cell during the first
+    training); rays that cross no such cell render the background and are not evaluated. Updated every ``update_every`` iterations: every cell during the first
     ``warmup_iters`` iterations (all cells stay on until then), after that a random
     ``update_fraction`` of the cells plus as many of the occupied ones. A cell is on when its
     value exceeds the threshold below (NerfAcc also lowers it to the mean value; not here, see

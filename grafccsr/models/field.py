@@ -88,6 +88,14 @@ class RadianceField(nn.Module):
         return self._rows(points, view_dirs, z_shape, z_appearance,
                           lambda per_sample: per_sample.index_select(0, owner))
 
+    def density(self, points: torch.Tensor, z_shape: torch.Tensor) -> torch.Tensor:
+        """Raw density sigma (B, N) at points (B, N, 3) for z_shape (B, Zs): the trunk and the
+        density head of :meth:`forward` without the colour branch (what the occupancy grid's
+        update needs; the density never depends on the view direction)."""
+        b, n, _ = points.shape
+        h = self._fused_trunk(points.reshape(b * n, 3), z_shape, lambda per_sample: _per_point(per_sample, n))
+        return F.linear(h, self.density_head.weight.to(h.dtype), self.density_head.bias.to(h.dtype)).view(b, n)
+
     def _rows(self, points, view_dirs, z_shape, z_appearance, expand):
         """(M, 3) points -> rgb (M, 3), sigma (M,); ``expand`` turns a per-sample (B, C) tensor
         into a NEW (M, C) tensor of each point's row (it may be written in place)."""
@@ -134,22 +142,7 @@ class RadianceField(nn.Module):
         ``feature`` layer and the colour branch's first layer are composed into one weight (no
         activation lies between them); the density head shares that matmul. Parameters and
         gradients are unchanged."""
-        pe = self.xyz_encoding(points)  # (M, Dpe); needs no gradient
-        z_first, z_skip = self._latents(z_shape)
-        pe_dim, zs_dim = self.xyz_encoding.out_dim, z_first.shape[-1]
-        h = None
-        for i, layer in enumerate(self.trunk):
-            weight, bias = layer.weight, layer.bias
-            if h is None or (i - 1) in self.skips:  # input = [pe, z] (+ h after a skip)
-                z = z_first if h is None else z_skip
-                per_sample = F.linear(z, weight[:, pe_dim:pe_dim + zs_dim], bias)  # (B, W)
-                out = expand(per_sample)  # like addmm's bias: the output starts as the broadcast term
-                out.addmm_(pe.to(out.dtype), weight[:, :pe_dim].t().to(out.dtype))
-                if h is not None:
-                    out.addmm_(h, weight[:, pe_dim + zs_dim:].t().to(out.dtype))
-            else:
-                out = layer(h)
-            h = torch.relu_(out)  # (M, W); in place: Linear's backward does not need its output
+        h = self._fused_trunk(points, z_shape, expand)
         # colour branch: view_layer(concat(feature(h), PE(dir), z_app)), feature linear -> composed
         w_view = self.view_layer.weight
         width, dir_dim = self.cfg.width, self.dir_encoding.out_dim
@@ -170,6 +163,26 @@ class RadianceField(nn.Module):
         view = torch.relu_(view)
         rgb = torch.sigmoid(self.rgb_head(view))
         return rgb, sigma_raw
+
+    def _fused_trunk(self, points, z_shape, expand):
+        """The trunk's last activation (M, W) at points (M, 3), computed as :meth:`_fused` does."""
+        pe = self.xyz_encoding(points)  # (M, Dpe); needs no gradient
+        z_first, z_skip = self._latents(z_shape)
+        pe_dim, zs_dim = self.xyz_encoding.out_dim, z_first.shape[-1]
+        h = None
+        for i, layer in enumerate(self.trunk):
+            weight, bias = layer.weight, layer.bias
+            if h is None or (i - 1) in self.skips:  # input = [pe, z] (+ h after a skip)
+                z = z_first if h is None else z_skip
+                per_sample = F.linear(z, weight[:, pe_dim:pe_dim + zs_dim], bias)  # (B, W)
+                out = expand(per_sample)  # like addmm's bias: the output starts as the broadcast term
+                out.addmm_(pe.to(out.dtype), weight[:, :pe_dim].t().to(out.dtype))
+                if h is not None:
+                    out.addmm_(h, weight[:, pe_dim + zs_dim:].t().to(out.dtype))
+            else:
+                out = layer(h)
+            h = torch.relu_(out)  # (M, W); in place: Linear's backward does not need its output
+        return h
 
 
 def _per_point(per_sample: torch.Tensor, n: int) -> torch.Tensor:

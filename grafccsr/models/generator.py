@@ -150,8 +150,8 @@ class Generator(nn.Module):
         """One update of the occupancy grid from this generator's own density (never the data):
         ``model.occupancy.latent_draws`` codes drawn for every class from a stream seeded by ``seed``
         (train.seed) and ``iteration`` (the same on every rank). The density is the field that
-        renders the colour (the fine network's when there is one). FP32, no autograd, at most
-        ``settings.no_grad_segment_points`` points per field call. ``every_cell``: evaluate every
+        renders the colour (the fine network's when there is one), without its colour branch. FP32,
+        no autograd, at most ``settings.no_grad_segment_points`` points per field call. ``every_cell``: evaluate every
         cell whatever the iteration (:meth:`OccupancyGrid.update`)."""
         grid, draws = self.occupancy, self.model_cfg.occupancy.latent_draws
         net, condition = (self.field, self.condition) if self.fine is None else (self.fine.field, self.fine.condition)
@@ -160,14 +160,11 @@ class Generator(nn.Module):
             classes, n, _ = points.shape
             z = self.sample_z(draws, points.device, generator=rng).repeat(classes, 1)  # row c * draws + k
             labels = torch.arange(classes, device=points.device).repeat_interleave(draws)
-            z_shape, z_appearance = condition(z, labels)
+            z_shape, _ = condition(z, labels)
             per_call = max(1, settings.no_grad_segment_points // (classes * draws))
             parts = []
             for i in range(0, n, per_call):
-                p = points[:, i:i + per_call].repeat_interleave(draws, dim=0)
-                view = torch.zeros_like(p)
-                view[..., 2] = 1.0  # density does not depend on the view direction
-                _, sigma = net(p, view, z_shape, z_appearance)
+                sigma = net.density(points[:, i:i + per_call].repeat_interleave(draws, dim=0), z_shape)
                 parts.append(torch.relu(sigma.float()).view(classes, draws, -1).amax(dim=1))
             return torch.cat(parts, dim=1)
 

@@ -100,8 +100,8 @@ class RenderSettings:
     def field_points_per_ray(self) -> int:
         """Field evaluations per ray and render: the final render's samples plus, with a
         hierarchical pass, the coarse pass's (its samples are evaluated twice). Early
-        termination and, without autograd, the occupancy grid evaluate fewer (data-dependent:
-        renders return the count, ``points``); this is their upper bound."""
+        termination, the ball and the occupancy grid evaluate fewer (data-dependent: renders
+        return the count, ``points``); this is their upper bound."""
         coarse = self.samples_per_ray if self.importance_samples > 0 else 0
         return coarse + self.points_per_ray
 
@@ -155,15 +155,17 @@ def render_rays(
     a time. ``generator`` draws the jitter and noise.
 
     ``bound_radius`` > 0 spreads each ray's samples over its part of [near, far] inside that
-    ball (rays that miss it render nothing); ``termination_transmittance`` > 0 stops evaluating
+    ball (rays that miss it render nothing and are not evaluated); ``termination_transmittance`` > 0 stops evaluating
     a ray once its transmittance falls below it, in renders without autograd on real tensors
     (:func:`march`). ``occupancy`` (a :class:`grafccsr.models.occupancy.RaySampler`: the
     generator's grid for each row's class) spreads each ray's samples over its occupied length
     instead (coordinates along the occupied steps, mapped back to depths; the intervals are
     occupied length, the last ends with the last occupied step); rays that cross no occupied cell
-    render nothing and, without autograd on real tensors, are not evaluated. All keep every shape
-    static on the autograd path, so the renderer traces under FakeTensorMode (termination and
-    the grid's skipped rays then render in full: the estimator's upper bound).
+    render nothing and are not evaluated. Rays are skipped only on real tensors (data-dependent
+    shapes): under FakeTensorMode (the memory estimator's tracing) termination and the ball's and
+    grid's skipped rays render in full, the estimator's upper bound. A skipped ray's intervals
+    have zero length, so the field's value there changes neither the image nor a gradient: the
+    result is the full render's.
 
     Returns ``rgb`` (B, R, 3) in [-1, 1], ``depth`` (B, R) (expected t, with empty
     space contributing 0: divide by ``acc`` for the depth of what was hit), ``acc`` (B, R)
@@ -193,9 +195,13 @@ def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings
         near, far, active = ray_bounds(origins, directions, s.near, s.far, s.bound_radius)
     # clipped rays: the last interval ends at the ball, or with the last occupied step
     segment_end = far if s.bound_radius > 0 or segments is not None else None
-    real_no_grad = not torch.is_grad_enabled() and not _is_fake(origins)
+    real = not _is_fake(origins)
+    real_no_grad = real and not torch.is_grad_enabled()
     terminate = s.termination_transmittance > 0 and real_no_grad
     gather = terminate or (segments is not None and real_no_grad)  # evaluate only the rays the grid says cross matter
+    # with autograd, rays that miss the ball or every occupied cell (zero-length intervals: zero
+    # opacity and zero gradient whatever the field says there) are not evaluated either
+    skip_empty = active is not None and real and not gather and hasattr(field, "forward_gathered")
     checkpoint_points = s.checkpoint_segment_points if s.grad_checkpoint else 0
 
     def render(net, zs, za, coords: torch.Tensor, checkpoint_points: int) -> dict[str, torch.Tensor]:
@@ -206,12 +212,17 @@ def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings
                          chunk=s.termination_chunk if terminate else depths.shape[-1],
                          segment_points=s.no_grad_segment_points, noise_std=noise_std, generator=generator,
                          segment_end=segment_end, active=active, spacing=spacing)
-        rgb, sigma_raw = _query_field(net, origins, directions, depths, zs, za, checkpoint_points,
-                                      s.no_grad_segment_points)
+        if skip_empty:
+            rgb, sigma_raw = _query_active(net, active, origins, directions, depths, zs, za, checkpoint_points,
+                                           s.no_grad_segment_points)
+        else:
+            rgb, sigma_raw = _query_field(net, origins, directions, depths, zs, za, checkpoint_points,
+                                          s.no_grad_segment_points)
         out = composite(rgb, sigma_raw, coords, directions, noise_std, generator, segment_end=segment_end)
         if segments is not None:
             out["depth"] = (out["weights"] * depths).sum(dim=-1)
-        out["points"] = torch.full_like(out["acc"], depths.shape[-1])
+        samples = depths.shape[-1]
+        out["points"] = active.to(out["acc"].dtype) * samples if skip_empty else torch.full_like(out["acc"], samples)
         return out
 
     depths = stratified_depths(origins, near, far, s.samples_per_ray, perturb, generator)
@@ -321,6 +332,38 @@ def _query_field(field, origins, directions, depths, z_shape, z_appearance, chec
         rgb, sigma_raw = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
     # composite in the rays' precision: cumprod over many samples is unstable in bf16/fp16
     return rgb.reshape(b, r, s, 3).to(depths.dtype), sigma_raw.reshape(b, r, s).to(depths.dtype)
+
+
+def _query_active(field, active, origins, directions, depths, z_shape, z_appearance, checkpoint_segment_points=0,
+                  no_grad_segment_points=0):
+    """:func:`_query_field` at the rays ``active`` (B, R) only, through the field's
+    ``forward_gathered``: rgb (B, R, S, 3) and raw sigma (B, R, S), zero at the other rays. Segments
+    of at most ``checkpoint_segment_points`` (checkpointed, with grad) or ``no_grad_segment_points``
+    (without) points, as there."""
+    b, r, s = depths.shape
+    n = b * r
+    ids = active.reshape(n).nonzero().squeeze(1)
+    o, d = origins.reshape(n, 3)[ids], directions.reshape(n, 3)[ids]
+    points = (o[:, None, :] + d[:, None, :] * depths.reshape(n, s)[ids][..., None]).reshape(-1, 3)
+    view_dirs = F.normalize(d, dim=-1)[:, None, :].expand(-1, s, -1).reshape(-1, 3)
+    owner = torch.div(ids, r, rounding_mode="floor").repeat_interleave(s)
+    run, segment_points = field.forward_gathered, 0
+    if checkpoint_segment_points > 0 and torch.is_grad_enabled():
+        segment_points = checkpoint_segment_points
+
+        def run(*args):
+            return checkpoint(field.forward_gathered, *args, use_reentrant=False)
+    elif not torch.is_grad_enabled():
+        segment_points = no_grad_segment_points
+    if segment_points <= 0 or segment_points >= points.shape[0]:
+        rgb, sigma_raw = run(points, view_dirs, z_shape, z_appearance, owner)
+    else:
+        parts = [run(points[i:i + segment_points], view_dirs[i:i + segment_points], z_shape, z_appearance,
+                     owner[i:i + segment_points]) for i in range(0, points.shape[0], segment_points)]
+        rgb, sigma_raw = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    rgb_all = depths.new_zeros(n, s, 3).index_put((ids,), rgb.view(-1, s, 3).to(depths.dtype))
+    sigma_all = depths.new_zeros(n, s).index_put((ids,), sigma_raw.view(-1, s).to(depths.dtype))
+    return rgb_all.view(b, r, s, 3), sigma_all.view(b, r, s)
 
 
 def _deltas(depths: torch.Tensor, directions: torch.Tensor, segment_end: torch.Tensor | None) -> torch.Tensor:

@@ -53,9 +53,8 @@ Known differences from a real CUDA run
   formulas (what a real CPU step saves).
 * ``train.compile`` is ignored: the estimate is for eager execution (Inductor
   usually saves fewer activations).
-* The occupancy grid (``model.occupancy``): shapes are static, so the training step traces as
-  it runs; renders without autograd count every ray (the rays the grid skips depend on values:
-  an upper bound); its update is a phase of its own (``grid_update``, every cell evaluated: the
+* The occupancy grid (``model.occupancy``) and the ball (``model.render.bound_radius``): every
+  ray counts (the rays they skip depend on values: an upper bound); its update is a phase of its own (``grid_update``, every cell evaluated: the
   warm-up's, an upper bound after it), outside the training-step peak like sampling and
   evaluation.
 """

@@ -78,8 +78,8 @@ def build_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
 D_SUMS = ("loss/d", "loss/r1", "loss/aux_d", "d/real_logit", "d/fake_logit", "perf/points_per_ray")
 G_SUMS = ("loss/g", "loss/ccsr", "loss/coarse", "loss/aux_g", "perf/points_per_ray")
 """What each step returns (means over its micro-batches). ``perf/points_per_ray``: field
-evaluations per rendered ray, measured (fewer than configured where the occupancy grid or early
-termination skip work without autograd)."""
+evaluations per rendered ray, measured (fewer than configured where the occupancy grid or the
+ball skip empty rays, or early termination finished ones)."""
 
 
 class GanStep:
