@@ -8,6 +8,7 @@ calls. A module that lays out, orders or wires its layers otherwise fails on sha
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -370,3 +371,18 @@ def test_fine_preset_run_warns_that_its_coarse_network_does_not_train(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     warned = [line for line in (out.stdout + out.stderr).splitlines() if "never trains" in line]
     assert len(warned) == 1 and "WARNING" in warned[0], out.stdout[-2000:]
+    # the measurement of where its coarse network puts the fine samples reads this checkpoint
+    from analysis.fine_sampling import main as fine_sampling
+
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for name, value in state["step"]["generator"].items():  # some density, so that there is something to find
+        if name.endswith("density_head.bias"):
+            value += 1.0
+    torch.save(state, tmp_path / "dense.pt")
+    result = tmp_path / "fine.json"
+    assert fine_sampling([f"upstream={tmp_path / 'dense.pt'}", "--images", "2", "--size", "8",
+                          "--reference-samples", "16", "--out", str(result)]) == 0
+    summary = json.loads(result.read_text())["summary"]["upstream"]
+    assert summary["n"] == 1 and 0 < summary["reference_opacity"] <= 1
+    assert summary["uniform_rgb_error"] == summary["uniform_acc_error"] == 0  # 8 + 8 samples: the reference's 16
+    assert 0 < summary["hierarchical_rgb_error"] < 2 and 0 <= summary["hierarchical_acc_error"] < 1
