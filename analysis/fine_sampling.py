@@ -31,6 +31,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from grafccsr.camera import full_grid, pose_matrix, rays_from_grid
+from grafccsr.evaluation import load_eval_model
+from grafccsr.models.render import RenderSettings, render_rays
 from grafccsr.paths import program_name
 
 
@@ -49,10 +52,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def measure(path: Path, images: int, size: int, reference_samples: int, seed: int) -> Dict[str, float]:
-    from grafccsr.camera import full_grid, pose_matrix, rays_from_grid
-    from grafccsr.evaluation import load_eval_model
-    from grafccsr.models.render import RenderSettings, render_rays
-
     model = load_eval_model(path, ["train.device=cpu", "tracking.backend=none"])
     gen, cfg = model.generator, model.cfg
     if gen.fine is None:
@@ -88,7 +87,6 @@ def measure(path: Path, images: int, size: int, reference_samples: int, seed: in
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     groups: Dict[str, List[Dict[str, float]]] = {}
     for spec in args.snapshots:
         label, _, path = str(spec).rpartition("=")

@@ -530,8 +530,9 @@ class OccupancyConfig:
     exponential moving average of the maximum density of the generator's own radiance field
     over ``latent_draws`` latent codes (never the data). Rays place their ``samples_per_ray``
     samples only in the cells switched on (stratified over the occupied length, jittered in
-    training); rays that cross no such cell render the background and are not evaluated. Updated every ``update_every`` iterations: every cell during the first
-    ``warmup_iters`` iterations (all cells stay on until then), after that a random
+    training); rays that cross no such cell render the background and are not evaluated.
+    Updated every ``update_every`` iterations: every cell during the first ``warmup_iters``
+    iterations (all cells stay on until then), after that a random
     ``update_fraction`` of the cells plus as many of the occupied ones. A cell is on when its
     value exceeds the threshold below (NerfAcc also lowers it to the mean value; not here, see
     :meth:`grafccsr.models.occupancy.OccupancyGrid.switch`), dilated by ``dilation`` cells. CHANGES THE MATHS where the field puts density in cells that are off (what the

@@ -94,7 +94,7 @@ class RadianceField(nn.Module):
         update needs; the density never depends on the view direction)."""
         b, n, _ = points.shape
         h = self._fused_trunk(points.reshape(b * n, 3), z_shape, lambda per_sample: _per_point(per_sample, n))
-        return F.linear(h, self.density_head.weight.to(h.dtype), self.density_head.bias.to(h.dtype)).view(b, n)
+        return self.density_head(h).view(b, n)
 
     def _rows(self, points, view_dirs, z_shape, z_appearance, expand):
         """(M, 3) points -> rgb (M, 3), sigma (M,); ``expand`` turns a per-sample (B, C) tensor

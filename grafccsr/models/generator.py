@@ -150,9 +150,9 @@ class Generator(nn.Module):
         """One update of the occupancy grid from this generator's own density (never the data):
         ``model.occupancy.latent_draws`` codes drawn for every class from a stream seeded by ``seed``
         (train.seed) and ``iteration`` (the same on every rank). The density is the field that
-        renders the colour (the fine network's when there is one), without its colour branch. FP32,
-        no autograd, at most ``settings.no_grad_segment_points`` points per field call. ``every_cell``: evaluate every
-        cell whatever the iteration (:meth:`OccupancyGrid.update`)."""
+        renders the colour (the fine network's when there is one), without its colour branch.
+        FP32, no autograd, at most ``settings.no_grad_segment_points`` points per field call.
+        ``every_cell``: evaluate every cell whatever the iteration (:meth:`OccupancyGrid.update`)."""
         grid, draws = self.occupancy, self.model_cfg.occupancy.latent_draws
         net, condition = (self.field, self.condition) if self.fine is None else (self.fine.field, self.fine.condition)
 

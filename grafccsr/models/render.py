@@ -155,10 +155,10 @@ def render_rays(
     a time. ``generator`` draws the jitter and noise.
 
     ``bound_radius`` > 0 spreads each ray's samples over its part of [near, far] inside that
-    ball (rays that miss it render nothing and are not evaluated); ``termination_transmittance`` > 0 stops evaluating
-    a ray once its transmittance falls below it, in renders without autograd on real tensors
-    (:func:`march`). ``occupancy`` (a :class:`grafccsr.models.occupancy.RaySampler`: the
-    generator's grid for each row's class) spreads each ray's samples over its occupied length
+    ball (rays that miss it render nothing and are not evaluated); ``termination_transmittance``
+    > 0 stops evaluating a ray once its transmittance falls below it, in renders without
+    autograd on real tensors (:func:`march`). ``occupancy`` (a
+    :class:`grafccsr.models.occupancy.RaySampler`: the generator's grid for each row's class) spreads each ray's samples over its occupied length
     instead (coordinates along the occupied steps, mapped back to depths; the intervals are
     occupied length, the last ends with the last occupied step); rays that cross no occupied cell
     render nothing and are not evaluated. Rays are skipped only on real tensors (data-dependent
@@ -336,34 +336,33 @@ def _query_field(field, origins, directions, depths, z_shape, z_appearance, chec
 
 def _query_active(field, active, origins, directions, depths, z_shape, z_appearance, checkpoint_segment_points=0,
                   no_grad_segment_points=0):
-    """:func:`_query_field` at the rays ``active`` (B, R) only, through the field's
-    ``forward_gathered``: rgb (B, R, S, 3) and raw sigma (B, R, S), zero at the other rays. Segments
-    of at most ``checkpoint_segment_points`` (checkpointed, with grad) or ``no_grad_segment_points``
-    (without) points, as there."""
+    """:func:`_query_field` at the rays ``active`` (B, R) only (:func:`_query_live`, checkpointed
+    in segments of whole rays as there): rgb (B, R, S, 3) and raw sigma (B, R, S), zero at the
+    other rays."""
     b, r, s = depths.shape
     n = b * r
     ids = active.reshape(n).nonzero().squeeze(1)
-    o, d = origins.reshape(n, 3)[ids], directions.reshape(n, 3)[ids]
-    points = (o[:, None, :] + d[:, None, :] * depths.reshape(n, s)[ids][..., None]).reshape(-1, 3)
-    view_dirs = F.normalize(d, dim=-1)[:, None, :].expand(-1, s, -1).reshape(-1, 3)
-    owner = torch.div(ids, r, rounding_mode="floor").repeat_interleave(s)
-    run, segment_points = field.forward_gathered, 0
-    if checkpoint_segment_points > 0 and torch.is_grad_enabled():
-        segment_points = checkpoint_segment_points
-
-        def run(*args):
-            return checkpoint(field.forward_gathered, *args, use_reentrant=False)
-    elif not torch.is_grad_enabled():
-        segment_points = no_grad_segment_points
-    if segment_points <= 0 or segment_points >= points.shape[0]:
-        rgb, sigma_raw = run(points, view_dirs, z_shape, z_appearance, owner)
-    else:
-        parts = [run(points[i:i + segment_points], view_dirs[i:i + segment_points], z_shape, z_appearance,
-                     owner[i:i + segment_points]) for i in range(0, points.shape[0], segment_points)]
-        rgb, sigma_raw = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    rgb_all = depths.new_zeros(n, s, 3).index_put((ids,), rgb.view(-1, s, 3).to(depths.dtype))
-    sigma_all = depths.new_zeros(n, s).index_put((ids,), sigma_raw.view(-1, s).to(depths.dtype))
+    d = directions.reshape(n, 3)
+    grad = torch.is_grad_enabled()
+    net, segment_points = field, (0 if grad else no_grad_segment_points)
+    if grad and checkpoint_segment_points > 0:
+        net, segment_points = _Checkpointed(field), checkpoint_segment_points
+    owner = torch.arange(b, device=depths.device).repeat_interleave(r)
+    rgb, sigma_raw = _query_live(net, ids, depths.reshape(n, s), origins.reshape(n, 3), d, F.normalize(d, dim=-1),
+                                 owner, z_shape, z_appearance, segment_points or max(1, ids.numel() * s))
+    rgb_all = depths.new_zeros(n, s, 3).index_put((ids,), rgb.to(depths.dtype))
+    sigma_all = depths.new_zeros(n, s).index_put((ids,), sigma_raw.to(depths.dtype))
     return rgb_all.view(b, r, s, 3), sigma_all.view(b, r, s)
+
+
+class _Checkpointed:
+    """A field's ``forward_gathered`` under activation checkpointing."""
+
+    def __init__(self, field):
+        self.field = field
+
+    def forward_gathered(self, *args):
+        return checkpoint(self.field.forward_gathered, *args, use_reentrant=False)
 
 
 def _deltas(depths: torch.Tensor, directions: torch.Tensor, segment_end: torch.Tensor | None) -> torch.Tensor:

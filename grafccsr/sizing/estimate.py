@@ -54,9 +54,9 @@ Known differences from a real CUDA run
 * ``train.compile`` is ignored: the estimate is for eager execution (Inductor
   usually saves fewer activations).
 * The occupancy grid (``model.occupancy``) and the ball (``model.render.bound_radius``): every
-  ray counts (the rays they skip depend on values: an upper bound); its update is a phase of its own (``grid_update``, every cell evaluated: the
-  warm-up's, an upper bound after it), outside the training-step peak like sampling and
-  evaluation.
+  ray counts (the rays they skip depend on values: an upper bound); the grid's update is a
+  phase of its own (``grid_update``, every cell evaluated: the warm-up's, an upper bound after
+  it), outside the training-step peak like sampling and evaluation.
 """
 
 from __future__ import annotations
