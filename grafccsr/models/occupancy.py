@@ -124,26 +124,24 @@ class RaySampler:
 
     def steps_on(self, origins: torch.Tensor, directions: torch.Tensor, classes: torch.Tensor, near: float,
                  step: float) -> torch.Tensor:
-        """Steps on (N, M) of rays (N, 3) of classes (N,): the cells of their midpoints."""
-        mids = near + (torch.arange(self.steps, device=origins.device, dtype=torch.float32) + 0.5) * step
-        return lookup(self.occupied, classes, origins.float()[:, None, :] + directions.float()[:, None, :] * mids[:, None],
-                      self.half_size)
+        """Steps on (N, M) of rays (N, 3) of classes (N,): the cells of their midpoints. A midpoint
+        outside the cube but within one cell of it takes the nearest boundary cell (it may lie
+        just outside while its step reaches in); farther out: off.
 
-
-def lookup(occupied: torch.Tensor, classes: torch.Tensor, points: torch.Tensor, half_size: float) -> torch.Tensor:
-    """Is the cell of each point on? ``occupied`` (C, R, R, R); points (N, ..., 3), point row n in the
-    grid of class ``classes[n]`` -> bool (N, ...). A point outside the cube but within one cell of it
-    takes the nearest boundary cell (a step's midpoint may lie just outside while its step reaches
-    in); farther out: off."""
-    res = occupied.shape[-1]
-    scale = res / (2.0 * half_size)
-    flat, near_cube = classes.long().view(-1, *([1] * (points.dim() - 2))) * res, None
-    for axis in range(3):
-        cell = ((points[..., axis] + half_size) * scale).floor()
-        inside = (cell >= -1) & (cell <= res)
-        near_cube = inside if near_cube is None else near_cube & inside
-        flat = flat * res + cell.clamp(0, res - 1).long() if axis else flat + cell.clamp(0, res - 1).long()
-    return occupied.reshape(-1)[flat] & near_cube
+        Along a ray a midpoint's position in cells is affine in the step's index k (o + d (near +
+        (k + 1/2) step) in cells), so each axis's cell is one multiply-add and a floor per step
+        instead of building the (N, M, 3) points."""
+        res = self.occupied.shape[-1]
+        scale = res / (2.0 * self.half_size)
+        o, d = origins.float(), directions.float()
+        at_first = (o + d * (near + 0.5 * step) + self.half_size) * scale  # (N, 3), in cells
+        k = torch.arange(self.steps, device=o.device, dtype=torch.float32)
+        cells = torch.addcmul(at_first[..., None], (d * step * scale)[..., None], k).floor_()  # (N, 3, M)
+        near_cube = (cells - 0.5 * (res - 1)).abs().amax(dim=1) <= 0.5 * (res + 1)  # every axis in [-1, R]
+        cells.clamp_(0, res - 1)
+        i, j, l = cells.unbind(1)
+        flat = ((i * res + j) * res + l).long() + classes.long()[:, None] * res ** 3  # exact in float: R^3 < 2^24
+        return self.occupied.reshape(-1)[flat] & near_cube
 
 
 DensityFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
