@@ -768,3 +768,32 @@ def test_runs_from_a_tracking_server_read_the_same(store, smoke_params):
     a, b = runs.runs_to_frame(local), runs.runs_to_frame(served)
     pd.testing.assert_frame_equal(a, b)
     assert b.loc[0, "iterations"] == 10 and b.loc[0, "fid_rf"] == 50.0
+
+
+def test_time_to_quality_curves_draw_two_snapshots(tmp_path):
+    """The benchmark's own fractions decide its points: with --fractions 0.5,1.0 every recipe has
+    two, and each is drawn (the figure in the README was once empty: a minimum of three points
+    meant for MLflow histories hid every recipe)."""
+    import matplotlib.pyplot as plt
+
+    from analysis.quality import plot_curves
+
+    def curve(values):
+        return [{"fraction": f, "seconds": 120 * f, "mean": v, "min": v / 2, "max": v * 2, "n": 3}
+                for f, v in zip((0.5, 1.0), values)]
+
+    summary = {"recipes": {name: {"seeds": 3, "curve_fid": curve(v), "curve_kid": curve([x / 100 for x in v])}
+                           for name, v in (("fast", [0.1, 0.03]), ("ball", [0.04, 0.03]), ("none", []))}}
+    summary["recipes"]["none"].update(curve_fid=[], curve_kid=[])
+    seen, orig = [], plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        seen.extend([[len(line.get_xdata()) for line in ax.lines] for ax in fig.axes])
+        return orig(fig, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        assert is_png(plot_curves(summary, tmp_path / "curves.png"))
+    finally:
+        plt.Figure.savefig = orig
+    assert seen == [[2, 2], [2, 2]]  # FID and KID: two recipes of two snapshots each; the empty one left out
