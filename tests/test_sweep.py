@@ -350,14 +350,19 @@ def test_threads_journal_storage(tmp_path, fake_trainer, monkeypatch):
     assert again.launched == [] and len(again.study.trials) == 7
 
 
+def sigint_as_in_a_terminal():
+    """A child's SIGINT as a terminal leaves it (default): a shell running the suite in the
+    background (`make test &`, nohup) leaves SIGINT ignored, children inherit that, and a Python
+    started with it ignored never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_the_sweep_in_its_first_trial(study, tmp_path):
     """Ctrl-C to the sweep CLI once its first trial runs; returns the ended process and its output."""
     proc = subprocess.Popen([sys.executable, "-m", "grafccsr.sweep", str(study), "--storage",
                              f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", "none", "--runs-root",
                              str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            # a shell running us in the background (`make test &`, nohup) leaves SIGINT
-                            # ignored, and children inherit that; restore the default like a terminal has
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=sigint_as_in_a_terminal)
     output = []
     for line in proc.stdout:  # wait until the trial runs
         output.append(line)
@@ -679,7 +684,8 @@ def test_dashboard_serves_the_sweeps_storage(tmp_path):
     assert public.returncode == 2 and "ssh -L" in public.stderr and len(public.stderr.strip().splitlines()) == 1
     port = free_port()
     server = subprocess.Popen([*cmd, "--port", str(port)], env=dict(os.environ, GRAFCCSR_STORAGE=url),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=sigint_as_in_a_terminal)
     try:
         deadline = time.time() + 60
         while True:
