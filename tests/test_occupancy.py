@@ -227,29 +227,26 @@ def test_a_floater_the_generator_has_emptied_goes_dark_within_twelve_updates():
     styles = synthetic.class_styles(2, 0)
     field = SceneField(styles)
     floater = torch.tensor([1.2, 0.0, 0.3])
+    young = True
 
-    def density(points, rng, young):
+    def density(points, rng):
         objects = torch.stack([field.density(points[c], c) for c in range(2)])
-        if not young:
-            return objects
-        return torch.maximum(objects, ((points - floater).norm(dim=-1) < 0.3).float() * 12.0)
-
-    def cells_of(points):  # flat cell index of points (N, 3)
-        ijk = ((points + half) / (2 * half) * occ.resolution).floor().long()
-        return (ijk[:, 0] * occ.resolution + ijk[:, 1]) * occ.resolution + ijk[:, 2]
+        return torch.maximum(objects, ((points - floater).norm(dim=-1) < 0.3).float() * 12.0) if young else objects
 
     grid = OccupancyGrid(occ, 2)
     iteration = 0
     while iteration < occ.warmup_iters:
-        grid.update(iteration, half, lambda p, rng: density(p, rng, True), seed=0)
+        grid.update(iteration, half, density, seed=0)
         iteration += occ.update_every
-    near_floater = cells_of(floater + 0.2 * (torch.rand(200, 3, generator=torch.Generator().manual_seed(0)) - 0.5))
-    grid.update(iteration, half, lambda p, rng: density(p, rng, False), seed=0)
-    assert grid.occupied.view(2, -1)[:, near_floater].all()  # the warm-up's maximum is still above the threshold
+    near_floater = floater + 0.2 * (torch.rand(200, 3, generator=torch.Generator().manual_seed(0)) - 0.5)
+    young = False
+    grid.update(iteration, half, density, seed=0)
+    # the warm-up's maximum is still above the threshold
+    assert all(_cell_on(grid.occupied, c, p, half) for c in range(2) for p in near_floater)
     for _ in range(12):
         iteration += occ.update_every
-        grid.update(iteration, half, lambda p, rng: density(p, rng, False), seed=0)
-    assert not grid.occupied.view(2, -1)[:, near_floater].any()
+        grid.update(iteration, half, density, seed=0)
+    assert not any(_cell_on(grid.occupied, c, p, half) for c in range(2) for p in near_floater)
     # and the objects are still held: every point inside them lies in a cell that is on
     points = (torch.rand(200_000, 3, generator=torch.Generator().manual_seed(1)) - 0.5) * 1.6
     for c in range(2):

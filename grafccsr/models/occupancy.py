@@ -139,8 +139,8 @@ class RaySampler:
         cells = torch.addcmul(at_first[..., None], (d * step * scale)[..., None], k).floor_()  # (N, 3, M)
         near_cube = (cells - 0.5 * (res - 1)).abs().amax(dim=1) <= 0.5 * (res + 1)  # every axis in [-1, R]
         cells.clamp_(0, res - 1)
-        i, j, l = cells.unbind(1)
-        flat = ((i * res + j) * res + l).long() + classes.long()[:, None] * res ** 3  # exact in float: R^3 < 2^24
+        x, y, z = cells.unbind(1)
+        flat = ((x * res + y) * res + z).long() + classes.long()[:, None] * res ** 3  # exact in float: R^3 < 2^24
         return self.occupied.reshape(-1)[flat] & near_cube
 
 
