@@ -67,8 +67,8 @@ RECIPES: Dict[str, tuple] = {
     "default_antialias": (("model.patch.antialias=true",),
                           "the default job with box-filtered (antialiased) real patches"),
     "fast": (("+exp=fast",), "+exp=fast: the default job with the generator's own occupancy grid (64^3 cells per "
-                             "class over the cube every camera ray reaches) and 8 samples per ray in its occupied "
-                             "cells; no hand-set bound"),
+                             "class over the cube every camera ray reaches), one sample per 0.125 of a ray's "
+                             "occupied depth, at most 8; no hand-set bound"),
     "ball": (("model.render.bound_radius=0.4", "model.render.samples_per_ray=8"),
              "the previous +exp=fast: rays clipped to a hand-set ball of radius 0.4, 8 samples there"),
     "default_offset": (("data.synthetic.scene=offset",),

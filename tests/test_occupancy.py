@@ -198,10 +198,13 @@ def test_no_cell_is_switched_off_before_the_warm_up_ends_and_the_grid_is_dilated
     grid = OccupancyGrid(occ, 2)
     field = SceneField(styles)
     density = lambda points, rng: torch.stack([field.density(points[c], c) for c in range(2)])  # noqa: E731
+    # the loop updates the grid first at the warm-up's end, then on its cadence
+    assert [i for i in range(occ.warmup_iters + 3 * occ.update_every + 1) if grid.due(i)] == \
+        [occ.warmup_iters + k * occ.update_every for k in range(4)]
     iteration = 0
-    while iteration < occ.warmup_iters:
+    while iteration < occ.warmup_iters:  # updated during it anyway, no cell goes off
         grid.update(iteration, s.occupancy_half_size, density, seed=0)
-        assert grid.occupied.all(), iteration  # every cell on during the warm-up
+        assert grid.occupied.all(), iteration
         assert (grid.density > 0).any()  # though the grid has seen the object
         iteration += occ.update_every
     grid.update(iteration, s.occupancy_half_size, density, seed=0)
@@ -234,14 +237,13 @@ def test_a_floater_the_generator_has_emptied_goes_dark_within_twelve_updates():
         return torch.maximum(objects, ((points - floater).norm(dim=-1) < 0.3).float() * 12.0) if young else objects
 
     grid = OccupancyGrid(occ, 2)
-    iteration = 0
-    while iteration < occ.warmup_iters:
-        grid.update(iteration, half, density, seed=0)
-        iteration += occ.update_every
+    iteration = occ.warmup_iters  # the first update: every cell, the floater still there
+    grid.update(iteration, half, density, seed=0)
     near_floater = floater + 0.2 * (torch.rand(200, 3, generator=torch.Generator().manual_seed(0)) - 0.5)
     young = False
+    iteration += occ.update_every
     grid.update(iteration, half, density, seed=0)
-    # the warm-up's maximum is still above the threshold
+    # its maximum is still above the threshold
     assert all(_cell_on(grid.occupied, c, p, half) for c in range(2) for p in near_floater)
     for _ in range(12):
         iteration += occ.update_every
@@ -316,6 +318,49 @@ def test_the_grid_render_reproduces_the_full_render_of_a_known_field(scene):
     assert (grid8["acc"][grid8["points"] == 0] == 0).all()
 
 
+def test_a_sample_spacing_gives_a_ray_one_sample_per_spacing_of_occupied_length_like_a_reference():
+    """``model.occupancy.sample_spacing`` h (NerfAcc's render step, capped at samples_per_ray S): a
+    ray whose occupied length is L gets n = min(S, ceil(L / h)) samples, at the starts of n equal
+    strata of L, each standing for its stratum. Written here one ray at a time (depths by the
+    reference walk, the compositing sum by hand) against the renderer, on the off-centre scene's
+    learned grid (rays with gaps between two objects)."""
+    h, samples = 0.05, 8
+    s, cfg = _settings(perturb=False, density_noise_std=0.0, samples_per_ray=samples, occupancy_spacing=h)
+    styles = synthetic.class_styles(2, 0, "offset")
+    grid = _learned_grid(styles, s, cfg)
+    origins, directions = _scene_rays(size=8, views=2)
+    classes = torch.tensor([0, 1])
+    sampler = grid.sampler(classes, s.occupancy_half_size, s.occupancy_steps)
+    field, z = SceneField(styles), classes.float()[:, None]
+    with torch.no_grad():
+        out = render_rays(field, origins, directions, z, z, s, occupancy=sampler)
+    step = (s.far - s.near) / s.occupancy_steps
+    on = sampler.steps_on(origins.reshape(-1, 3), directions.reshape(-1, 3), classes.repeat_interleave(64), s.near,
+                          step).view(2, 64, -1)
+    counts = []
+    for b in range(2):
+        colour = torch.tensor(styles[b].base, dtype=torch.float64)
+        for r in range(64):
+            flags = on[b, r].tolist()
+            length = sum(flags) * step
+            n = min(samples, math.ceil(length / h))
+            counts.append(n)
+            assert int(out["points"][b, r]) == n
+            coords = [k * length / n for k in range(n)] + [length]
+            rgb, transmittance = torch.zeros(3, dtype=torch.float64), 1.0
+            for k in range(n):
+                t = _reference_depth(flags, s.near, step, coords[k])
+                sigma = float(field.density((origins[b, r] + directions[b, r] * t)[None], b)[0])
+                alpha = 1.0 - math.exp(-sigma * (coords[k + 1] - coords[k]) * float(directions[b, r].norm()))
+                rgb += transmittance * alpha * colour
+                transmittance *= 1.0 - alpha
+            background = (1.0 - transmittance) if s.white_background else 0.0
+            torch.testing.assert_close(out["acc"][b, r].double(), torch.tensor(1.0 - transmittance, dtype=torch.float64),
+                                       rtol=0, atol=1e-4)
+            torch.testing.assert_close(out["rgb"][b, r].double(), (rgb + background) * 2 - 1, rtol=0, atol=1e-4)
+    assert 0 in counts and samples in counts and any(0 < n < samples for n in counts)
+
+
 class _AllRays(torch.nn.Module):
     """The same field without ``forward_gathered``: the renderer then evaluates every ray."""
 
@@ -327,22 +372,26 @@ class _AllRays(torch.nn.Module):
         return self.field(*args)
 
 
-@pytest.mark.parametrize("clip", ["grid", "ball"])
+@pytest.mark.parametrize("clip", ["grid", "grid_spaced", "ball"])
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_skipping_empty_rays_with_autograd_gives_the_full_renders_values_and_gradients(clip, checkpointed):
-    """Rays that miss the ball or every occupied cell are not evaluated, with autograd too; their
-    intervals have zero length, so the image and every gradient equal those of the render that
-    evaluates every ray (the generator's own field, float64, equal weights, jitter and noise)."""
+    """Rays that miss the ball or every occupied cell are not evaluated, with autograd too, nor
+    (``grid_spaced``: ``model.occupancy.sample_spacing``) the samples past a ray's count, which lie at
+    the end of its occupied length; their intervals have zero length, so the image and every
+    gradient equal those of the render that evaluates every sample of every ray (the generator's
+    own field, float64, equal weights, jitter and noise); without autograd the values too."""
     from grafccsr.models import build_models
 
-    extra = ["model.occupancy.resolution=16"] if clip == "grid" else ["model.occupancy.enabled=false",
-                                                                       "model.render.bound_radius=0.4"]
-    s, cfg = _settings(extra, samples_per_ray=6, grad_checkpoint=checkpointed, checkpoint_segment_points=500)
+    extra = ["model.occupancy.resolution=16"] if clip != "ball" else ["model.occupancy.enabled=false",
+                                                                      "model.render.bound_radius=0.4"]
+    spacing = 0.12 if clip == "grid_spaced" else 0.0
+    s, cfg = _settings(extra, samples_per_ray=6, grad_checkpoint=checkpointed, checkpoint_segment_points=500,
+                       occupancy_spacing=spacing)
     torch.manual_seed(0)
     field = build_models(cfg, 2)[0].field.double()
     origins, directions = (t.double() for t in _scene_rays(size=12, views=3))
     occupancy, classes = None, torch.tensor([0, 1, 0])
-    if clip == "grid":
+    if clip != "ball":
         grid = OccupancyGrid(cfg.model.occupancy, 2)
         grid.occupied.zero_()
         grid.occupied[0, 7:9, 7:9, 7:9] = True
@@ -351,10 +400,13 @@ def test_skipping_empty_rays_with_autograd_gives_the_full_renders_values_and_gra
     zs = torch.randn(3, field.shape_input_dim, dtype=torch.float64)
     za = torch.randn(3, cfg.model.field.z_appearance_dim, dtype=torch.float64)
 
-    def run(net):
+    def run(net, grad=True):
         net.zero_grad()
         rng = torch.Generator().manual_seed(1)
-        out = render_rays(net, origins, directions, zs, za, s, iteration=0, generator=rng, occupancy=occupancy)
+        with torch.set_grad_enabled(grad):
+            out = render_rays(net, origins, directions, zs, za, s, iteration=0, generator=rng, occupancy=occupancy)
+        if not grad:
+            return out, []
         ((out["rgb"] * torch.linspace(-1, 1, out["rgb"].numel(), dtype=torch.float64).view_as(out["rgb"])).sum()
          + out["acc"].square().sum()).backward()
         return out, [p.grad.clone() for p in field.parameters()]
@@ -362,11 +414,20 @@ def test_skipping_empty_rays_with_autograd_gives_the_full_renders_values_and_gra
     skipped, grads = run(field)
     full, full_grads = run(_AllRays(field))
     assert 0.1 < (skipped["points"] == 0).double().mean() < 0.95  # some rays skipped, some not
+    if clip == "grid_spaced":  # and some rays get fewer samples than others
+        assert ((skipped["points"] > 0) & (skipped["points"] < 6)).any() and (skipped["points"] == 6).any()
+    else:
+        assert (skipped["points"] % 6 == 0).all()
     assert (full["points"] == 6).all()
     for key in ("rgb", "acc", "depth"):
         torch.testing.assert_close(skipped[key], full[key], rtol=0, atol=1e-12)
     for g, ref in zip(grads, full_grads):
         torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+    marched, all_rays = run(field, grad=False)[0], run(_AllRays(field), grad=False)[0]
+    torch.testing.assert_close(marched["points"], skipped["points"], rtol=0, atol=0)
+    for key in ("rgb", "acc", "depth"):
+        torch.testing.assert_close(marched[key], all_rays[key], rtol=0, atol=1e-12)
+        torch.testing.assert_close(marched[key], full[key].detach(), rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- in the run
@@ -502,8 +563,10 @@ def test_the_grid_is_checkpointed_and_a_resumed_run_continues_it_exactly(tmp_pat
         assert not a[part]["occupancy.occupied"].all()  # switched after the warm-up: a real test
     for key, value in a["generator"].items():
         torch.testing.assert_close(b["generator"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    assert set(full.metrics["perf/grid_update_s"]) == {1, 2, 3, 4} and full.metrics["perf/grid_update_s"][1] > 0
-    assert all(0 < v <= 8 for v in full.metrics["perf/points_per_ray"].values())
+    # no update in the warm-up (iteration 0, logged as step 1), one after each later iteration
+    assert set(full.metrics["perf/grid_update_s"]) == {2, 3, 4} and full.metrics["perf/grid_update_s"][2] > 0
+    points = full.metrics["perf/points_per_ray"]  # every cell on in the warm-up; after it a batch may miss all
+    assert points[1] == 8 and all(0 <= v <= 8 for v in points.values())
 
 
 def test_grid_with_fine_network_amp_checkpointing_and_ccsr():
@@ -537,8 +600,8 @@ def test_grid_with_fine_network_amp_checkpointing_and_ccsr():
 def test_estimator_and_flop_counter_see_the_grid():
     """Under FakeTensorMode: the estimator has a grid_update phase (every cell: the upper bound)
     and the FLOP counter adds one update per ``update_every`` iterations, which equals classes x
-    latent_draws x the cells it evaluates x the field's density FLOPs per point: every cell during the
-    warm-up, 2 x update_fraction of them after."""
+    latent_draws x the cells it evaluates x the field's density FLOPs per point: none during the
+    warm-up, every cell at its end, 2 x update_fraction of them after."""
     from grafccsr.bench.flops import count_flops, fake_iteration_flops
     from grafccsr.models.field import RadianceField
     from grafccsr.sizing.estimate import estimate
@@ -547,8 +610,9 @@ def test_estimator_and_flop_counter_see_the_grid():
     plain = load_config(["+exp=smoke", "tracking=none"])
     est = estimate(cfg, 2)
     assert "grid_update" in {p.name for p in est.phases}
-    extra = fake_iteration_flops(cfg, 2, iteration=1) - fake_iteration_flops(plain, 2, iteration=1)
-    after = fake_iteration_flops(cfg, 2, iteration=8) - fake_iteration_flops(plain, 2, iteration=8)
+    during = fake_iteration_flops(cfg, 2, iteration=1) - fake_iteration_flops(plain, 2, iteration=1)
+    extra = fake_iteration_flops(cfg, 2, iteration=8) - fake_iteration_flops(plain, 2, iteration=8)
+    after = fake_iteration_flops(cfg, 2, iteration=9) - fake_iteration_flops(plain, 2, iteration=9)
     field = RadianceField(cfg.model.field)
     n = 1000
     per_point = count_flops(lambda: field.density(torch.rand(1, n, 3), torch.randn(1, 8))) / n
@@ -557,7 +621,7 @@ def test_estimator_and_flop_counter_see_the_grid():
     assert per_point < 0.9 * full  # the update evaluates the density only, not the colour branch
     occ = cfg.model.occupancy
     expected = 2 * occ.latent_draws * occ.resolution ** 3 * per_point / occ.update_every
-    assert extra == pytest.approx(expected, rel=0.01)
+    assert during == 0 and extra == pytest.approx(expected, rel=0.01)
     cells_after = 2 * math.ceil(occ.update_fraction * occ.resolution ** 3)
     assert after == pytest.approx(expected * cells_after / occ.resolution ** 3, rel=0.01)
 
@@ -673,5 +737,6 @@ def test_after_real_training_the_grid_skips_less_than_one_percent_of_the_image(t
     with torch.no_grad():
         full = generator.render(z, classes, u, v, full_grid(64, 8),
                                 dataclasses.replace(s, samples_per_ray=1024, occupancy_half_size=0.0))
-        grid = generator.render(z, classes, u, v, full_grid(64, 8), dataclasses.replace(s, samples_per_ray=128))
+        grid = generator.render(z, classes, u, v, full_grid(64, 8),
+                                dataclasses.replace(s, samples_per_ray=128, occupancy_spacing=0.0))
     assert (grid["rgb"] - full["rgb"]).abs().mean() < 0.02

@@ -80,11 +80,11 @@ def iteration_flops(step, batch, iteration: int, check_finite: bool = True) -> i
 
 def grid_update_flops(step, iteration: int) -> int:
     """FLOPs per iteration of the generator's occupancy-grid updates (``model.occupancy``; 0
-    without): one update as it runs at ``iteration`` (every cell during the warm-up, then
-    2 x ``update_fraction`` of them: both counts are fixed, not data-dependent), per
-    ``update_every`` iterations. The grid is restored after the count."""
+    without, and during the warm-up, which has none): one update as it runs at ``iteration``
+    (every cell at the warm-up's end, then 2 x ``update_fraction`` of them: both counts are fixed,
+    not data-dependent), per ``update_every`` iterations. The grid is restored after the count."""
     grid = step.generator.occupancy
-    if grid is None:
+    if grid is None or iteration < grid.cfg.warmup_iters:
         return 0
     saved = [b.clone() for b in grid.buffers()]
     try:
@@ -120,9 +120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{' '.join(overrides) or 'default config'}")
     occ = cfg.model.occupancy
     if occ.enabled:  # iteration 1 is in the grid's warm-up unless it is shorter
-        after = fake_iteration_flops(cfg, iteration=max(1, occ.warmup_iters))
+        after = fake_iteration_flops(cfg, iteration=occ.warmup_iters + 1)
         print(f"{after / 1e12:.4f} TFLOP per D+G iteration after the occupancy grid's warm-up "
-              f"(iteration {max(1, occ.warmup_iters)}: its updates evaluate 2 x {occ.update_fraction:g} of the cells)")
+              f"(iteration {occ.warmup_iters + 1}: its updates evaluate 2 x {occ.update_fraction:g} of the cells)")
     return 0
 
 

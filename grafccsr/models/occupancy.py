@@ -9,10 +9,13 @@ grid follows it into the EMA copy, the checkpoint and every torchrun rank:
   rays sample (thresholded, then dilated). Both are persistent buffers; every cell starts on.
 * **update** (:meth:`OccupancyGrid.update`, on the training loop's cadence): one jittered point per
   evaluated cell, the field's density there for ``latent_draws`` codes per class, the maximum over
-  the codes; value = max(value x ema_decay, new). During the warm-up every cell is evaluated and
-  every cell stays on; after it a random fraction of the cells plus as many occupied ones are
-  evaluated, and a cell is on when its value exceeds the threshold, dilated. The codes and cells come from a generator seeded by the run's seed and the iteration:
-  every rank draws the same ones and computes the same grid.
+  the codes; value = max(value x ema_decay, new), and a cell is on when its value exceeds the
+  threshold, dilated. During the warm-up every cell stays on and the grid is not evaluated; the
+  first update, at its end, evaluates every cell, the later ones a random fraction of the cells
+  plus as many occupied ones. (NerfAcc evaluates every cell at each update of its warm-up; at
+  ``ema_decay`` 0.6 such a value weighs 0.6^k k updates later, while every cell costs 1.6 s of a
+  120-s CPU run, each of the warm-up's eight times.) The codes and cells come from a generator
+  seeded by the run's seed and the iteration: every rank draws the same ones and computes the same grid.
 * **sampling** (:class:`RaySampler`, what the renderer asks): each ray steps through [near, far] at
   a fixed number of steps (at most half a cell long), each step on or off by the cell of its
   midpoint; the renderer spreads its samples over the occupied length (its coordinate: length
@@ -163,8 +166,10 @@ class OccupancyGrid(nn.Module):
         return self.cfg.resolution
 
     def due(self, iteration: int) -> bool:
-        """Whether the loop updates the grid after ``iteration``."""
-        return iteration % self.cfg.update_every == 0
+        """Whether the loop updates the grid after ``iteration``: at the warm-up's end, then every
+        ``update_every`` iterations."""
+        after = iteration - self.cfg.warmup_iters
+        return after >= 0 and after % self.cfg.update_every == 0
 
     def sampler(self, class_idx: torch.Tensor, half_size: float, steps: int) -> RaySampler:
         """The grid of each batch row's class (``class_idx`` (B,)) for the renderer."""
@@ -176,12 +181,12 @@ class OccupancyGrid(nn.Module):
         return -math.log1p(-self.cfg.threshold) / (math.sqrt(3.0) * cell)
 
     def cells_to_update(self, iteration: int, rng: torch.Generator, every_cell: bool = False) -> torch.Tensor:
-        """Flat cell indices (C, N) evaluated at ``iteration``: all of them during the warm-up (or with
-        ``every_cell``), then a uniformly random ``update_fraction`` of the cells (the same for every
-        class) plus as many drawn (with replacement) from each class's occupied cells."""
+        """Flat cell indices (C, N) evaluated at ``iteration``: all of them up to the warm-up's end (or
+        with ``every_cell``), then a uniformly random ``update_fraction`` of the cells (the same for
+        every class) plus as many drawn (with replacement) from each class's occupied cells."""
         classes, total = self.occupied.shape[0], self.resolution ** 3
         device = self.occupied.device
-        if iteration < self.cfg.warmup_iters or every_cell:
+        if iteration <= self.cfg.warmup_iters or every_cell:
             return torch.arange(total, device=device).expand(classes, total)
         n = max(1, math.ceil(self.cfg.update_fraction * total))
         uniform = torch.randperm(total, generator=rng, device=device)[:n].expand(classes, n)

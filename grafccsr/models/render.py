@@ -73,6 +73,9 @@ class RenderSettings:
     even where the generator has one)."""
     occupancy_steps: int = 0
     """Steps each ray takes through [near, far] to find its occupied part (none longer than half a cell)."""
+    occupancy_spacing: float = 0.0
+    """``model.occupancy.sample_spacing``: each sample stands for this much occupied length (a ray
+    gets ceil(length / spacing) samples, at most ``samples_per_ray``); 0 = ``samples_per_ray`` per ray."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RenderSettings":
@@ -122,7 +125,8 @@ def _occupancy_settings(cfg: Config) -> dict:
     shift = corner_shift(cfg.data.image_size) if cfg.model.render.rays_through == "pixel_corners" else 0.0
     half = occ.half_size or camera_half_size(cam.radius, cam.near, cam.far, cam.fov_deg, shift)
     return {"occupancy_half_size": half,
-            "occupancy_steps": march_steps(half, occ.resolution, cam.near, cam.far, cam.fov_deg, shift)}
+            "occupancy_steps": march_steps(half, occ.resolution, cam.near, cam.far, cam.fov_deg, shift),
+            "occupancy_spacing": occ.sample_spacing}
 
 
 def render_rays(
@@ -161,7 +165,9 @@ def render_rays(
     :class:`grafccsr.models.occupancy.RaySampler`: the generator's grid for each row's class) spreads each ray's samples over its occupied length
     instead (coordinates along the occupied steps, mapped back to depths; the intervals are
     occupied length, the last ends with the last occupied step); rays that cross no occupied cell
-    render nothing and are not evaluated. Rays are skipped only on real tensors (data-dependent
+    render nothing and are not evaluated; with ``settings.occupancy_spacing`` a ray gets one sample per
+    that much occupied length (at most ``samples_per_ray``, :func:`occupied_samples`) and only those
+    are evaluated. Rays are skipped only on real tensors (data-dependent
     shapes): under FakeTensorMode (the memory estimator's tracing) termination and the ball's and
     grid's skipped rays render in full, the estimator's upper bound. A skipped ray's intervals
     have zero length, so the field's value there changes neither the image nor a gradient: the
@@ -187,10 +193,12 @@ def render_rays(
 
 def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings, perturb: bool, noise_std: float,
             generator, fine=None, occupancy=None) -> dict[str, torch.Tensor]:
-    near, far, active, segments = s.near, s.far, None, None
+    near, far, active, segments, counts = s.near, s.far, None, None, None
     if occupancy is not None:  # samples along the occupied length: "depths" below are coordinates along it
         segments = occupancy.segments(origins, directions, s.near, s.far)
         near, far, active = 0.0, segments.length, segments.active
+        if s.occupancy_spacing > 0:
+            counts = torch.ceil(segments.length[..., 0] / s.occupancy_spacing).clamp(max=s.samples_per_ray).long()
     elif s.bound_radius > 0:
         near, far, active = ray_bounds(origins, directions, s.near, s.far, s.bound_radius)
     # clipped rays: the last interval ends at the ball, or with the last occupied step
@@ -204,17 +212,19 @@ def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings
     skip_empty = active is not None and real and not gather and hasattr(field, "forward_gathered")
     checkpoint_points = s.checkpoint_segment_points if s.grad_checkpoint else 0
 
-    def render(net, zs, za, coords: torch.Tensor, checkpoint_points: int) -> dict[str, torch.Tensor]:
+    def render(net, zs, za, coords: torch.Tensor, checkpoint_points: int, valid=None) -> dict[str, torch.Tensor]:
+        """``valid`` (B, R, S): the samples evaluated (the others lie at the end of their ray's occupied
+        length, where their intervals are empty); None: every sample of an active ray."""
         depths = coords if segments is None else segments.to_depth(coords)
         spacing = None if segments is None else coords
         if gather:
             return march(net, origins, directions, depths, zs, za, s.termination_transmittance,
                          chunk=s.termination_chunk if terminate else depths.shape[-1],
                          segment_points=s.no_grad_segment_points, noise_std=noise_std, generator=generator,
-                         segment_end=segment_end, active=active, spacing=spacing)
+                         segment_end=segment_end, active=active, spacing=spacing, valid=valid)
         if skip_empty:
-            rgb, sigma_raw = _query_active(net, active, origins, directions, depths, zs, za, checkpoint_points,
-                                           s.no_grad_segment_points)
+            rgb, sigma_raw = _query_active(net, active if valid is None else valid, origins, directions, depths, zs,
+                                           za, checkpoint_points, s.no_grad_segment_points)
         else:
             rgb, sigma_raw = _query_field(net, origins, directions, depths, zs, za, checkpoint_points,
                                           s.no_grad_segment_points)
@@ -222,25 +232,35 @@ def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings
         if segments is not None:
             out["depth"] = (out["weights"] * depths).sum(dim=-1)
         samples = depths.shape[-1]
-        out["points"] = active.to(out["acc"].dtype) * samples if skip_empty else torch.full_like(out["acc"], samples)
+        if not skip_empty:
+            out["points"] = torch.full_like(out["acc"], samples)
+        elif valid is None:
+            out["points"] = active.to(out["acc"].dtype) * samples
+        else:
+            out["points"] = valid.sum(dim=-1).to(out["acc"].dtype)
         return out
 
-    depths = stratified_depths(origins, near, far, s.samples_per_ray, perturb, generator)
+    valid = None
+    if counts is None:
+        depths = stratified_depths(origins, near, far, s.samples_per_ray, perturb, generator)
+    else:
+        depths, valid = occupied_samples(far, counts, s.samples_per_ray, perturb, generator)
     coarse = None
     if s.importance_samples > 0:
         # the coarse pass only places the fine samples (sample_pdf detaches its weights), so it
         # needs a graph only when a loss trains a separate coarse network
         if fine is not None and s.coarse_loss and torch.is_grad_enabled():
-            coarse = render(field, z_shape, z_appearance, depths, checkpoint_points)
+            coarse = render(field, z_shape, z_appearance, depths, checkpoint_points, valid)
         else:
             with torch.no_grad():
-                coarse = render(field, z_shape, z_appearance, depths, 0)
+                coarse = render(field, z_shape, z_appearance, depths, 0, valid)
         mids = 0.5 * (depths[..., 1:] + depths[..., :-1])
         extra = sample_pdf(mids, coarse["weights"][..., 1:-1], s.importance_samples, not perturb, generator)
         depths = torch.sort(torch.cat([depths, extra], dim=-1), dim=-1).values
         if fine is not None:
             field, z_shape, z_appearance = fine
-    final = render(field, z_shape, z_appearance, depths, checkpoint_points)
+        valid = None  # the importance samples lie anywhere on the occupied length: every sample is evaluated
+    final = render(field, z_shape, z_appearance, depths, checkpoint_points, valid)
     out = _finish(final, s)
     out["points"] = final["points"] if coarse is None else final["points"] + coarse["points"]
     if coarse is not None and coarse["rgb"].requires_grad:
@@ -293,13 +313,34 @@ def stratified_depths(
     b, r = origins.shape[:2]
     steps = torch.linspace(0.0, 1.0, samples_per_ray, device=origins.device, dtype=origins.dtype)
     depths = (near + (far - near) * steps).expand(b, r, samples_per_ray)
-    if not perturb:
-        return depths
+    return _jittered(depths, generator) if perturb else depths
+
+
+def _jittered(depths: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Each depth (B, R, S) drawn uniformly between the midpoints to its neighbours (the first and
+    last from their own position)."""
     mids = 0.5 * (depths[..., 1:] + depths[..., :-1])
     upper = torch.cat([mids, depths[..., -1:]], dim=-1)
     lower = torch.cat([depths[..., :1], mids], dim=-1)
-    jitter = torch.rand(depths.shape, generator=generator, device=origins.device, dtype=origins.dtype)
+    jitter = torch.rand(depths.shape, generator=generator, device=depths.device, dtype=depths.dtype)
     return lower + (upper - lower) * jitter
+
+
+def occupied_samples(length: torch.Tensor, counts: torch.Tensor, samples_per_ray: int, perturb: bool,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates (B, R, S) along each ray's occupied length (B, R, 1) for ``counts`` (B, R) <= S
+    samples, and which are samples (``valid`` (B, R, S): k < count). The length is cut into
+    ``count`` equal strata with a sample at the start of each, so sample k stands for the interval up
+    to sample k + 1 and the last for the rest of the length (with ``perturb``, jittered like
+    :func:`stratified_depths`: between the midpoints of its neighbours, the end of the length being
+    the last's); the others sit at the end of the length, where their intervals are empty."""
+    k = torch.arange(samples_per_ray + 1, device=length.device, dtype=length.dtype)
+    n = counts.to(length.dtype)[..., None]
+    coords = length * torch.minimum(k, n) / n.clamp(min=1)  # (B, R, S + 1): the last is always the end
+    valid = k < n
+    if perturb:  # the jitter would move the first one past the count off the end: put it back
+        coords = torch.where(valid, _jittered(coords, generator), coords)
+    return coords[..., :samples_per_ray], valid[..., :samples_per_ray]
 
 
 def _query_field(field, origins, directions, depths, z_shape, z_appearance, checkpoint_segment_points=0,
@@ -336,12 +377,13 @@ def _query_field(field, origins, directions, depths, z_shape, z_appearance, chec
 
 def _query_active(field, active, origins, directions, depths, z_shape, z_appearance, checkpoint_segment_points=0,
                   no_grad_segment_points=0):
-    """:func:`_query_field` at the rays ``active`` (B, R) only (:func:`_query_live`, checkpointed
-    in segments of whole rays as there): rgb (B, R, S, 3) and raw sigma (B, R, S), zero at the
-    other rays."""
+    """:func:`_query_field` at the rays ``active`` (B, R) only, or at the samples ``active`` (B, R, S)
+    only (:func:`_query_live`, checkpointed in segments of whole rays as there): rgb (B, R, S, 3) and
+    raw sigma (B, R, S), zero elsewhere."""
     b, r, s = depths.shape
     n = b * r
-    ids = active.reshape(n).nonzero().squeeze(1)
+    mask = active.reshape(n, s) if active.dim() == 3 else None
+    ids = (active if mask is None else mask.any(dim=-1)).reshape(n).nonzero().squeeze(1)
     d = directions.reshape(n, 3)
     grad = torch.is_grad_enabled()
     net, segment_points = field, (0 if grad else no_grad_segment_points)
@@ -349,7 +391,7 @@ def _query_active(field, active, origins, directions, depths, z_shape, z_appeara
         net, segment_points = _Checkpointed(field), checkpoint_segment_points
     owner = torch.arange(b, device=depths.device).repeat_interleave(r)
     rgb, sigma_raw = _query_live(net, ids, depths.reshape(n, s), origins.reshape(n, 3), d, F.normalize(d, dim=-1),
-                                 owner, z_shape, z_appearance, segment_points or max(1, ids.numel() * s))
+                                 owner, z_shape, z_appearance, segment_points or max(1, ids.numel() * s), mask)
     rgb_all = depths.new_zeros(n, s, 3).index_put((ids,), rgb.to(depths.dtype))
     sigma_all = depths.new_zeros(n, s).index_put((ids,), sigma_raw.to(depths.dtype))
     return rgb_all.view(b, r, s, 3), sigma_all.view(b, r, s)
@@ -429,6 +471,7 @@ def march(
     segment_end: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     spacing: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`composite` of the field at ``depths`` (B, R, S) with early ray termination.
 
@@ -442,7 +485,8 @@ def march(
     most ``threshold`` in opacity and colour (in [0, 1]) and ``threshold`` x the last depth in
     depth; skipped samples get weight 0. At most ``segment_points`` points per field call.
     ``spacing`` (B, R, S): the coordinates the intervals are measured in, when they are not the
-    depths (the occupancy grid's occupied length). Also returns ``points`` (B, R), the samples
+    depths (the occupancy grid's occupied length); ``valid`` (B, R, S): the only samples evaluated
+    (the others must have empty intervals). Also returns ``points`` (B, R), the samples
     evaluated per ray. Real tensors only (data-dependent shapes); no autograd.
     """
     b, r, s = depths.shape
@@ -460,11 +504,13 @@ def march(
     rgb = torch.zeros(n, 3, device=device, dtype=depths.dtype)
     evaluated = torch.zeros(n, device=device, dtype=depths.dtype)
     live = torch.arange(n, device=device) if active is None else active.reshape(n).nonzero().squeeze(1)
+    mask = None if valid is None else valid.reshape(n, s)
     for s0 in range(0, s, chunk):
         if live.numel() == 0:
             break
         s1 = min(s, s0 + chunk)
-        colour, sigma = _query_live(field, live, t[:, s0:s1], o, d, view, owner, z_shape, z_appearance, segment_points)
+        colour, sigma = _query_live(field, live, t[:, s0:s1], o, d, view, owner, z_shape, z_appearance, segment_points,
+                                    None if mask is None else mask[:, s0:s1])
         colour, sigma = colour.to(depths.dtype), sigma.to(depths.dtype)
         if noise is not None:
             sigma = sigma + noise[live, s0:s1]
@@ -475,7 +521,7 @@ def march(
         weights[live, s0:s1] = w
         transmittance[live] = trans[:, -1]
         rgb.index_add_(0, live, (w[..., None] * colour).sum(dim=1))
-        evaluated[live] += s1 - s0
+        evaluated[live] += s1 - s0 if mask is None else mask[live, s0:s1].sum(dim=1).to(depths.dtype)
         live = live[trans[:, -1] > threshold]
     return {
         "weights": weights.view(b, r, s),
@@ -486,10 +532,11 @@ def march(
     }
 
 
-def _query_live(field, live, t, o, d, view, owner, z_shape, z_appearance, segment_points):
+def _query_live(field, live, t, o, d, view, owner, z_shape, z_appearance, segment_points, mask=None):
     """The field at the live rays' depths ``t[live]`` (L, k): colour (L, k, 3), raw density (L, k),
     at most ``segment_points`` points per call. The field's ``forward_gathered`` (if it has one)
-    takes each point's owning sample; other fields get one row of z per ray."""
+    takes each point's owning sample; other fields get one row of z per ray. ``mask`` (rays, k):
+    evaluate only those samples (zero at the others; fields with ``forward_gathered`` only)."""
     k = t.shape[1]
     gathered = getattr(field, "forward_gathered", None)
     rays_per_call = max(1, segment_points // k)
@@ -498,13 +545,20 @@ def _query_live(field, live, t, o, d, view, owner, z_shape, z_appearance, segmen
         ids = live[i:i + rays_per_call]
         points = o[ids, None, :] + d[ids, None, :] * t[ids][..., None]  # (L, k, 3)
         dirs = view[ids, None, :].expand(-1, k, -1)
-        if gathered is not None:
+        if gathered is not None and mask is not None:
+            where = mask[ids].nonzero(as_tuple=True)
+            c, sg = gathered(points[where], dirs[where], z_shape, z_appearance, owner[ids][where[0]])
+            c = c.new_zeros(*points.shape[:2], c.shape[-1]).index_put(where, c)
+            sg = sg.new_zeros(points.shape[:2]).index_put(where, sg.reshape(-1))
+        elif gathered is not None:
             c, sg = gathered(points.reshape(-1, 3), dirs.reshape(-1, 3), z_shape, z_appearance,
                              owner[ids].repeat_interleave(k))
         else:
             c, sg = field(points, dirs, z_shape[owner[ids]], z_appearance[owner[ids]])
         colours.append(c.reshape(-1, k, 3))
         sigmas.append(sg.reshape(-1, k))
+    if not colours:  # no live ray
+        return t.new_zeros(0, k, 3), t.new_zeros(0, k)
     return torch.cat(colours), torch.cat(sigmas)
 
 
