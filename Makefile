@@ -39,7 +39,7 @@ test: install ## run the test suite (fast tests; slow and gpu tests are opt-in)
 test-slow: install ## run the slow tests too
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 
-train: install ## train the default job on the embedded dataset (CPU: ~11 min); ARGS='+exp=amp_bs8 ...'
+train: install ## train the default job on the embedded dataset (CPU: ~22 min); ARGS='+exp=amp_bs8 ...'
 	$(PY) -m grafccsr.train $(ARGS)
 
 train-ddp: install ## torchrun: NPROC ranks on this machine (CPU: add train.device=cpu); ARGS='+exp=smoke train.device=cpu'
