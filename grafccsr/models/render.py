@@ -193,12 +193,10 @@ def render_rays(
 
 def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings, perturb: bool, noise_std: float,
             generator, fine=None, occupancy=None) -> dict[str, torch.Tensor]:
-    near, far, active, segments, counts = s.near, s.far, None, None, None
+    near, far, active, segments = s.near, s.far, None, None
     if occupancy is not None:  # samples along the occupied length: "depths" below are coordinates along it
         segments = occupancy.segments(origins, directions, s.near, s.far)
         near, far, active = 0.0, segments.length, segments.active
-        if s.occupancy_spacing > 0:
-            counts = torch.ceil(segments.length[..., 0] / s.occupancy_spacing).clamp(max=s.samples_per_ray).long()
     elif s.bound_radius > 0:
         near, far, active = ray_bounds(origins, directions, s.near, s.far, s.bound_radius)
     # clipped rays: the last interval ends at the ball, or with the last occupied step
@@ -234,17 +232,15 @@ def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings
         samples = depths.shape[-1]
         if not skip_empty:
             out["points"] = torch.full_like(out["acc"], samples)
-        elif valid is None:
-            out["points"] = active.to(out["acc"].dtype) * samples
-        else:
-            out["points"] = valid.sum(dim=-1).to(out["acc"].dtype)
+        else:  # the samples evaluated: every one of an active ray, or those valid
+            out["points"] = (active * samples if valid is None else valid.sum(dim=-1)).to(out["acc"].dtype)
         return out
 
     valid = None
-    if counts is None:
-        depths = stratified_depths(origins, near, far, s.samples_per_ray, perturb, generator)
+    if segments is not None and s.occupancy_spacing > 0:
+        depths, valid = occupied_samples(far, s.occupancy_spacing, s.samples_per_ray, perturb, generator)
     else:
-        depths, valid = occupied_samples(far, counts, s.samples_per_ray, perturb, generator)
+        depths = stratified_depths(origins, near, far, s.samples_per_ray, perturb, generator)
     coarse = None
     if s.importance_samples > 0:
         # the coarse pass only places the fine samples (sample_pdf detaches its weights), so it
@@ -326,16 +322,16 @@ def _jittered(depths: torch.Tensor, generator: torch.Generator | None) -> torch.
     return lower + (upper - lower) * jitter
 
 
-def occupied_samples(length: torch.Tensor, counts: torch.Tensor, samples_per_ray: int, perturb: bool,
+def occupied_samples(length: torch.Tensor, spacing: float, samples_per_ray: int, perturb: bool,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coordinates (B, R, S) along each ray's occupied length (B, R, 1) for ``counts`` (B, R) <= S
-    samples, and which are samples (``valid`` (B, R, S): k < count). The length is cut into
-    ``count`` equal strata with a sample at the start of each, so sample k stands for the interval up
+    """Coordinates (B, R, S) along each ray's occupied length (B, R, 1) for count = min(S,
+    ceil(length / spacing)) samples, and which are samples (``valid`` (B, R, S): k < count). The
+    length is cut into ``count`` equal strata with a sample at the start of each, so sample k stands for the interval up
     to sample k + 1 and the last for the rest of the length (with ``perturb``, jittered like
     :func:`stratified_depths`: between the midpoints of its neighbours, the end of the length being
     the last's); the others sit at the end of the length, where their intervals are empty."""
     k = torch.arange(samples_per_ray + 1, device=length.device, dtype=length.dtype)
-    n = counts.to(length.dtype)[..., None]
+    n = torch.ceil(length / spacing).clamp(max=samples_per_ray)  # (B, R, 1)
     coords = length * torch.minimum(k, n) / n.clamp(min=1)  # (B, R, S + 1): the last is always the end
     valid = k < n
     if perturb:  # the jitter would move the first one past the count off the end: put it back
