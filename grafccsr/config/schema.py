@@ -742,6 +742,14 @@ class MemoryConfig:
     The field's activations peak at about one segment's worth (~9 KB per point at GRAF's 8x256
     in fp32): smaller segments, lower peak, more Python overhead per step. Whole rays are kept
     together."""
+    skip_empty_samples: bool = False
+    """Not in the guide: in renders with autograd (the G step) the field's density is first
+    evaluated without autograd at every sample, and only the samples where it (plus the density
+    noise) is positive are evaluated again, with autograd. At the others ReLU gives zero opacity
+    and a zero gradient, so images and gradients are the full render's (up to float rounding);
+    what is saved is the graph (time and activation memory) of the empty samples, most of them
+    (``perf/graph_points_per_ray`` against ``perf/points_per_ray``). Costs one density-only pass
+    (the field's trunk) without autograd. The estimator's tracing renders in full."""
     render_chunk: int = bounded(0, ge=0)
     """Not in the guide: rays rendered per chunk (0 = all at once). No-grad renders (D-step
     fakes, samples, eval) are segmented anyway (``no_grad_segment_points``)."""

@@ -96,6 +96,12 @@ class RadianceField(nn.Module):
         h = self._fused_trunk(points.reshape(b * n, 3), z_shape, lambda per_sample: _per_point(per_sample, n))
         return self.density_head(h).view(b, n)
 
+    def density_gathered(self, points: torch.Tensor, z_shape: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """Raw density (M,) at points (M, 3) of several samples mixed (``owner`` as in
+        :meth:`forward_gathered`): :meth:`density` for a renderer's gathered points."""
+        h = self._fused_trunk(points, z_shape, lambda per_sample: per_sample.index_select(0, owner))
+        return self.density_head(h).squeeze(-1)
+
     def _rows(self, points, view_dirs, z_shape, z_appearance, expand):
         """(M, 3) points -> rgb (M, 3), sigma (M,); ``expand`` turns a per-sample (B, C) tensor
         into a NEW (M, C) tensor of each point's row (it may be written in place)."""

@@ -120,7 +120,8 @@ class Generator(nn.Module):
         ``iteration`` is training (jittered samples, density noise at that iteration);
         None is evaluation, deterministic and noise-free. ``rng`` draws the jitter and noise.
         Returns rgb (B, 3, P, P) in [-1, 1], depth and acc (B, 1, P, P), ``points`` (B, 1, P, P)
-        (field evaluations per ray); with a fine network whose coarse pass trains
+        (field evaluations per ray), with autograd ``graph_points`` (B, 1, P, P) (those with a
+        graph, :func:`render_rays`); with a fine network whose coarse pass trains
         (``model.render.coarse_loss=match_fine``) and autograd on, also ``coarse_rgb`` (B, 3, P, P),
         the first network's render. With an occupancy grid (and ``settings.occupancy_half_size`` > 0)
         each ray samples only the cells its class's grid has on.
@@ -141,6 +142,8 @@ class Generator(nn.Module):
             "acc": out["acc"].reshape(b, 1, rows, cols),
             "points": out["points"].reshape(b, 1, rows, cols),
         }
+        if "graph_points" in out:
+            images["graph_points"] = out["graph_points"].reshape(b, 1, rows, cols)
         if "coarse_rgb" in out:
             images["coarse_rgb"] = out["coarse_rgb"].transpose(1, 2).reshape(b, 3, rows, cols)
         return images

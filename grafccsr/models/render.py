@@ -76,6 +76,9 @@ class RenderSettings:
     occupancy_spacing: float = 0.0
     """``model.occupancy.sample_spacing``: each sample stands for this much occupied length (a ray
     gets ceil(length / spacing) samples, at most ``samples_per_ray``); 0 = ``samples_per_ray`` per ray."""
+    skip_empty_samples: bool = False
+    """``memory.skip_empty_samples``: in renders with autograd, evaluate the density first without
+    it and evaluate with autograd only the samples where it (with the noise) is positive."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RenderSettings":
@@ -91,7 +94,7 @@ class RenderSettings:
             termination_chunk=render.termination_chunk,
             coarse_loss=render.fine_network and render.coarse_loss == "match_fine",
             ray_shift=corner_shift(cfg.data.image_size) if render.rays_through == "pixel_corners" else 0.0,
-            **_occupancy_settings(cfg),
+            skip_empty_samples=mem.skip_empty_samples, **_occupancy_settings(cfg),
         )
 
     @property
@@ -173,9 +176,19 @@ def render_rays(
     have zero length, so the field's value there changes neither the image nor a gradient: the
     result is the full render's.
 
+    ``skip_empty_samples`` (with autograd, on real tensors, fields with ``density_gathered``): the
+    density is evaluated first without autograd at every sample (:func:`_density_at`), the density
+    noise drawn, and only the samples where density + noise > 0 are evaluated again with autograd.
+    At the others ReLU(density + noise) = 0: zero opacity and, ReLU's derivative being 0 there,
+    zero gradient to the density and (at weight 0) to the colour; they keep the first pass's
+    density (no graph) and zero colour, so the composite and every gradient are the full
+    render's (up to float rounding between the two passes).
+
     Returns ``rgb`` (B, R, 3) in [-1, 1], ``depth`` (B, R) (expected t, with empty
     space contributing 0: divide by ``acc`` for the depth of what was hit), ``acc`` (B, R)
-    (opacity) and ``points`` (B, R), the field evaluations each ray cost (every pass).
+    (opacity), ``points`` (B, R), the field evaluations each ray cost (every pass; with
+    ``skip_empty_samples`` the first, density-only pass's) and, with autograd, ``graph_points``
+    (B, R), the samples evaluated with autograd.
     """
     perturb = settings.perturb and iteration is not None
     noise_std = settings.noise_std(iteration)
@@ -193,12 +206,7 @@ def render_rays(
 
 def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings, perturb: bool, noise_std: float,
             generator, fine=None, occupancy=None) -> dict[str, torch.Tensor]:
-    near, far, active, segments = s.near, s.far, None, None
-    if occupancy is not None:  # samples along the occupied length: "depths" below are coordinates along it
-        segments = occupancy.segments(origins, directions, s.near, s.far)
-        near, far, active = 0.0, segments.length, segments.active
-    elif s.bound_radius > 0:
-        near, far, active = ray_bounds(origins, directions, s.near, s.far, s.bound_radius)
+    near, far, active, segments = _extent(origins, directions, s, occupancy)
     # clipped rays: the last interval ends at the ball, or with the last occupied step
     segment_end = far if s.bound_radius > 0 or segments is not None else None
     real = not _is_fake(origins)
@@ -208,6 +216,10 @@ def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings
     # with autograd, rays that miss the ball or every occupied cell (zero-length intervals: zero
     # opacity and zero gradient whatever the field says there) are not evaluated either
     skip_empty = active is not None and real and not gather and hasattr(field, "forward_gathered")
+    # with autograd, samples of zero density (ReLU: zero opacity and zero gradient) are not evaluated either
+    if s.skip_empty_samples and real and torch.is_grad_enabled() and hasattr(field, "density_gathered"):
+        active = torch.ones(origins.shape[:2], dtype=torch.bool, device=origins.device) if active is None else active
+        skip_empty = True
     checkpoint_points = s.checkpoint_segment_points if s.grad_checkpoint else 0
 
     def render(net, zs, za, coords: torch.Tensor, checkpoint_points: int, valid=None) -> dict[str, torch.Tensor]:
@@ -220,20 +232,28 @@ def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings
                          chunk=s.termination_chunk if terminate else depths.shape[-1],
                          segment_points=s.no_grad_segment_points, noise_std=noise_std, generator=generator,
                          segment_end=segment_end, active=active, spacing=spacing, valid=valid)
+        samples = depths.shape[-1]
+        evaluated = None if not skip_empty else (active[..., None].expand_as(depths) if valid is None else valid)
+        first, noise, evaluated = _first_density_pass(net, evaluated, origins, directions, depths, zs, s, noise_std,
+                                                      generator, real)
         if skip_empty:
-            rgb, sigma_raw = _query_active(net, active if valid is None else valid, origins, directions, depths, zs,
-                                           za, checkpoint_points, s.no_grad_segment_points)
+            rgb, sigma_raw = _query_active(net, evaluated if first is not None or valid is not None else active,
+                                           origins, directions, depths, zs, za, checkpoint_points,
+                                           s.no_grad_segment_points)
+            if first is not None:  # the skipped samples' density, without a graph: ReLU makes them empty
+                sigma_raw = torch.where(evaluated, sigma_raw, first)
         else:
             rgb, sigma_raw = _query_field(net, origins, directions, depths, zs, za, checkpoint_points,
                                           s.no_grad_segment_points)
-        out = composite(rgb, sigma_raw, coords, directions, noise_std, generator, segment_end=segment_end)
+        out = composite(rgb, sigma_raw, coords, directions, noise_std, generator, segment_end=segment_end,
+                        noise=noise)
         if segments is not None:
             out["depth"] = (out["weights"] * depths).sum(dim=-1)
-        samples = depths.shape[-1]
-        if not skip_empty:
-            out["points"] = torch.full_like(out["acc"], samples)
-        else:  # the samples evaluated: every one of an active ray, or those valid
-            out["points"] = (active * samples if valid is None else valid.sum(dim=-1)).to(out["acc"].dtype)
+        # the samples evaluated: every one (of an active ray), or those valid; with a graph: those kept
+        out["points"] = (torch.full_like(out["acc"], samples) if not skip_empty else
+                         (active * samples if valid is None else valid.sum(dim=-1)).to(out["acc"].dtype))
+        if torch.is_grad_enabled():
+            out["graph_points"] = out["points"] if first is None else evaluated.sum(dim=-1).to(out["acc"].dtype)
         return out
 
     valid = None
@@ -259,9 +279,23 @@ def _render(field, origins, directions, z_shape, z_appearance, s: RenderSettings
     final = render(field, z_shape, z_appearance, depths, checkpoint_points, valid)
     out = _finish(final, s)
     out["points"] = final["points"] if coarse is None else final["points"] + coarse["points"]
+    if "graph_points" in final:
+        out["graph_points"] = final["graph_points"] + (0 if coarse is None else coarse.get("graph_points", 0))
     if coarse is not None and coarse["rgb"].requires_grad:
         out["coarse_rgb"] = _finish(coarse, s)["rgb"]
     return out
+
+
+def _extent(origins: torch.Tensor, directions: torch.Tensor, s: RenderSettings, occupancy):
+    """Where each ray's samples go: (near, far, active rays (B, R) or None, the occupied segments or
+    None). With the grid, near and far are coordinates along each ray's occupied length (B, R, 1);
+    with the ball, each ray's depths inside it; else ``s.near`` and ``s.far``."""
+    if occupancy is not None:
+        segments = occupancy.segments(origins, directions, s.near, s.far)
+        return 0.0, segments.length, segments.active, segments
+    if s.bound_radius > 0:
+        return (*ray_bounds(origins, directions, s.near, s.far, s.bound_radius), None)
+    return s.near, s.far, None, None
 
 
 def _finish(out: dict[str, torch.Tensor], s: RenderSettings) -> dict[str, torch.Tensor]:
@@ -403,6 +437,69 @@ class _Checkpointed:
         return checkpoint(self.field.forward_gathered, *args, use_reentrant=False)
 
 
+def _density_noise(like: torch.Tensor, noise_std: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The density noise for samples shaped like ``like`` (B, R, S), as :func:`composite` and
+    :func:`march` draw it (one draw of that shape and dtype from ``generator``); None at std 0."""
+    if noise_std <= 0:
+        return None
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype) * noise_std
+
+
+def _first_density_pass(field, evaluated: torch.Tensor | None, origins: torch.Tensor, directions: torch.Tensor,
+                        depths: torch.Tensor, z_shape: torch.Tensor, s: RenderSettings, noise_std: float,
+                        generator: torch.Generator | None, real: bool):
+    """``skip_empty_samples``' first pass, in renders with autograd: the density without a graph at
+    the samples ``evaluated`` (B, R, S) and the density noise drawn. Returns (that density or None,
+    the noise or None, the samples to evaluate with autograd: those where density + noise > 0).
+    Without the switch, autograd or ``density_gathered``: (None, None, ``evaluated``); under fake
+    tensors the pass is priced (:func:`_price_density_pass`) and every sample kept."""
+    if not (s.skip_empty_samples and torch.is_grad_enabled()):
+        return None, None, evaluated
+    if not real:
+        if hasattr(field, "density"):
+            _price_density_pass(field, origins, directions, depths, z_shape)
+        return None, None, evaluated
+    if evaluated is None or not hasattr(field, "density_gathered"):
+        return None, None, evaluated
+    first = _density_at(field, evaluated, origins, directions, depths, z_shape, s.no_grad_segment_points)
+    noise = _density_noise(depths, noise_std, generator)
+    return first, noise, evaluated & ((first if noise is None else first + noise) > 0)
+
+
+@torch.no_grad()
+def _price_density_pass(field, origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor,
+                        z_shape: torch.Tensor) -> None:
+    """Under FakeTensorMode (the estimator, the FLOP counter), ``skip_empty_samples``'s first pass at
+    every sample, its result dropped: which samples it would skip depends on values, so the trace
+    then evaluates every sample with autograd as well, and prices both passes (an upper bound)."""
+    b, r, s = depths.shape
+    points = origins[:, :, None, :] + directions[:, :, None, :] * depths[..., None]
+    field.density(points.reshape(b, r * s, 3), z_shape)
+
+
+@torch.no_grad()
+def _density_at(field, mask: torch.Tensor, origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor,
+                z_shape: torch.Tensor, segment_points: int) -> torch.Tensor:
+    """The field's raw density (B, R, S) at the samples ``mask`` (B, R, S), without autograd (zero
+    elsewhere), at most ``segment_points`` points per call: points computed as :func:`_query_live`
+    computes them, so that its second evaluation sees the same points."""
+    b, r, s = depths.shape
+    n = b * r
+    rays, samples = mask.reshape(n, s).nonzero(as_tuple=True)
+    o, d, t = origins.reshape(n, 3), directions.reshape(n, 3), depths.reshape(n, s)
+    owner = rays // r
+    sigma = depths.new_zeros(n, s)
+    step = max(1, segment_points)
+    parts = []
+    for i in range(0, rays.numel(), step):
+        ray, sample = rays[i:i + step], samples[i:i + step]
+        points = o[ray] + d[ray] * t[ray, sample][:, None]
+        parts.append(field.density_gathered(points, z_shape, owner[i:i + step]).to(depths.dtype))
+    if parts:
+        sigma[rays, samples] = torch.cat(parts)
+    return sigma.view(b, r, s)
+
+
 def _deltas(depths: torch.Tensor, directions: torch.Tensor, segment_end: torch.Tensor | None) -> torch.Tensor:
     """Interval lengths (B, R, S) in world units: to the next sample, and for the last sample to
     ``segment_end`` (B, R, 1) or, when None, "infinity" (it absorbs what is left)."""
@@ -423,19 +520,22 @@ def composite(
     generator: torch.Generator | None = None,
     *,
     segment_end: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Alpha-composite samples along rays.
 
     rgb (B, R, S, 3), sigma_raw and depths (B, R, S), directions (B, R, 3).
     alpha_i = 1 - exp(-relu(sigma_i + noise) * delta_i), delta in world units
     (t-spacing times |direction|; the last one reaches ``segment_end`` (B, R, 1), or infinity
-    when None); weights_i = alpha_i * prod_{j<i} (1 - alpha_j).
+    when None); weights_i = alpha_i * prod_{j<i} (1 - alpha_j). The noise (std ``noise_std``) is
+    drawn here, or given already drawn (``noise``, :func:`_density_noise`).
     Returns weights (B, R, S), rgb (B, R, 3) in [0, 1] (black background), depth and acc (B, R).
     """
     deltas = _deltas(depths, directions, segment_end)
-    if noise_std > 0:
-        noise = torch.randn(sigma_raw.shape, generator=generator, device=sigma_raw.device, dtype=sigma_raw.dtype)
-        sigma_raw = sigma_raw + noise * noise_std
+    if noise is None:
+        noise = _density_noise(sigma_raw, noise_std, generator)
+    if noise is not None:
+        sigma_raw = sigma_raw + noise
     alpha = 1.0 - torch.exp(-F.relu(sigma_raw) * deltas)
     # exclusive cumprod: transmittance before each sample (1e-10 keeps an opaque sample from zeroing the product's gradient)
     transmittance = torch.cumprod(

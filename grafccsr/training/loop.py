@@ -124,6 +124,7 @@ class Trainer:
         self.in_step = False
         self.summary: Dict[str, Any] = {}
         self.points_sum, self.points_reports = 0.0, 0  # measured field evaluations per ray, over the run
+        self.graph_points_sum, self.graph_points_reports = 0.0, 0  # those with autograd (G steps)
         self.last_grids: Dict[str, Path] = {}  # the newest sample and held-out views grids
 
     # ------------------------------------------------------------------ the run
@@ -311,6 +312,9 @@ class Trainer:
                     self.stats.report_all({train_key(k): v for k, v in sums.items()})
                     self.points_sum, self.points_reports = self.points_sum + sums["perf/points_per_ray"], \
                         self.points_reports + 1
+                    if "perf/graph_points_per_ray" in sums:
+                        self.graph_points_sum += sums["perf/graph_points_per_ray"]
+                        self.graph_points_reports += 1
             except (RankFailure, NonFiniteLoss):
                 raise  # every rank raises these alike
             except Exception as err:
@@ -558,6 +562,10 @@ class Trainer:
         before any step: an upper bound with the occupancy grid or early termination)."""
         return float(self.points_sum) / self.points_reports if self.points_reports else float(self.points_per_ray)
 
+    def run_graph_points_per_ray(self) -> Optional[float]:
+        """Field evaluations per ray with autograd, over the run's G steps (None before any)."""
+        return float(self.graph_points_sum) / self.graph_points_reports if self.graph_points_reports else None
+
     def make_summary(self) -> Dict[str, Any]:
         cfg, device = self.cfg, self.device
         peaks = self.memory.summary()
@@ -585,7 +593,8 @@ class Trainer:
             "peak_memory_scope": "training step (d_step, g_step); see memory for sample/eval",
             "process_peak_rss_mb": process_peak_rss_mb(),
             "perf": _with_count(self.timed["iterations"], self.run_points_per_ray(), throughput(
-                self.timed["iterations"], self.timed["seconds"], self.rays_per_iteration, self.run_points_per_ray())),
+                self.timed["iterations"], self.timed["seconds"], self.rays_per_iteration, self.run_points_per_ray()),
+                self.run_graph_points_per_ray()),
             "losses": self.losses,
             "eval": evaluation,
             "fid_extractor": cfg.eval.extractor,
@@ -613,10 +622,14 @@ def _disk_message(err: OSError) -> str:
     return text
 
 
-def _with_count(iterations: int, points_per_ray: float, perf: Dict[str, float]) -> Dict[str, float]:
+def _with_count(iterations: int, points_per_ray: float, perf: Dict[str, float],
+                graph_points_per_ray: Optional[float] = None) -> Dict[str, float]:
     """The run's throughput with how many timed iterations it rests on and the field evaluations
-    per ray it measured (logged once, at the end)."""
-    return {"perf/timed_iterations": iterations, "perf/points_per_ray": points_per_ray, **perf} if perf else perf
+    per ray it measured, all and (G steps) with autograd (logged once, at the end)."""
+    if not perf:
+        return perf
+    graph = {} if graph_points_per_ray is None else {"perf/graph_points_per_ray": graph_points_per_ray}
+    return {"perf/timed_iterations": iterations, "perf/points_per_ray": points_per_ray, **graph, **perf}
 
 
 def _status_of(err: BaseException) -> int:

@@ -76,10 +76,11 @@ def build_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
 
 
 D_SUMS = ("loss/d", "loss/r1", "loss/aux_d", "d/real_logit", "d/fake_logit", "perf/points_per_ray")
-G_SUMS = ("loss/g", "loss/ccsr", "loss/coarse", "loss/aux_g", "perf/points_per_ray")
+G_SUMS = ("loss/g", "loss/ccsr", "loss/coarse", "loss/aux_g", "perf/points_per_ray", "perf/graph_points_per_ray")
 """What each step returns (means over its micro-batches). ``perf/points_per_ray``: field
 evaluations per rendered ray, measured (fewer than configured where the occupancy grid or the
-ball skip empty rays, or early termination finished ones)."""
+ball skip empty rays, or early termination finished ones); ``perf/graph_points_per_ray``: those
+evaluated with autograd in the G step (fewer with ``memory.skip_empty_samples``)."""
 
 
 class GanStep:
@@ -186,6 +187,8 @@ class GanStep:
             out = g.render(inputs["z"], inputs["labels"][:, 0], inputs["u"], inputs["v"], inputs["grid"],
                            self.render_settings, iteration=iteration, rng=self.render_rng)
         fakes = {"rgb": out["rgb"], "d_input": out["rgb"], "points": out["points"]}
+        if "graph_points" in out:
+            fakes["graph_points"] = out["graph_points"]
         if "coarse_rgb" in out:
             fakes["coarse_rgb"] = out["coarse_rgb"]
         if self.ccsr_mode == "discriminator" or (self.ccsr_mode == "regularizer" and not for_d):
@@ -305,6 +308,7 @@ class GanStep:
                     sums["loss/aux_g"] += aux.detach() / accum
                 sums["loss/g"] += total.detach() / accum
                 sums["perf/points_per_ray"] += fakes["points"].float().mean() / accum
+                sums["perf/graph_points_per_ray"] += fakes["graph_points"].float().mean() / accum
                 self.scaler_g.scale(total / accum).backward()
                 if mem.eager_free:
                     del fakes, fake_logits, fake_aux, loss, total
