@@ -68,14 +68,22 @@ RECIPES: Dict[str, tuple] = {
                           "the default job with box-filtered (antialiased) real patches"),
     "fast": (("+exp=fast",), "+exp=fast: the default job with the generator's own occupancy grid (64^3 cells per "
                              "class over the cube every camera ray reaches), one sample per 0.125 of a ray's "
-                             "occupied depth, at most 8; no hand-set bound"),
+                             "occupied depth, at most 8, memory.skip_empty_samples; no hand-set bound"),
     "ball": (("model.render.bound_radius=0.4", "model.render.samples_per_ray=8"),
              "the previous +exp=fast: rays clipped to a hand-set ball of radius 0.4, 8 samples there"),
+    "default_skip": (("memory.skip_empty_samples=true",),
+                     "the default job with memory.skip_empty_samples (the same images and gradients; only the "
+                     "samples of positive density evaluated with autograd)"),
+    "ball_skip": (("model.render.bound_radius=0.4", "model.render.samples_per_ray=8", "memory.skip_empty_samples=true"),
+                  "the ball with memory.skip_empty_samples, as +exp=fast has it"),
     "default_offset": (("data.synthetic.scene=offset",),
                        "the default job on the off-centre scene set (a tall column beside a low block)"),
     "fast_offset": (("+exp=fast", "data.synthetic.scene=offset"), "+exp=fast (the grid) on the off-centre scene set"),
     "ball_offset": (("data.synthetic.scene=offset", "model.render.bound_radius=0.42", "model.render.samples_per_ray=8"),
                     "the ball on the off-centre scene set: radius 0.42, the smallest holding every object"),
+    "ball_offset_skip": (("data.synthetic.scene=offset", "model.render.bound_radius=0.42",
+                          "model.render.samples_per_ray=8", "memory.skip_empty_samples=true"),
+                         "ball_offset with memory.skip_empty_samples, as +exp=fast has it"),
 }
 DEFAULT_RECIPES = ("default", "faithful", "old_r1")
 FRACTIONS = (0.1, 0.2, 0.4, 0.7, 1.0)
