@@ -75,6 +75,8 @@ def _grid_default() -> Grid:
             Row("ours_lean", "ours + checkpointing in 4096-point segments (memory=lean)", LEAN),
             Row("ours_chunk", "ours + render chunking (256 rays)", OURS + ["memory.render_chunk=256"]),
             Row("ours_accum2", "ours + grad accumulation 2", OURS + ["train.grad_accum_steps=2"]),
+            Row("ours_skip", "ours + a G-step graph only where the density is positive (memory.skip_empty_samples; "
+                "untrained weights: what it skips depends on them)", OURS + ["memory.skip_empty_samples=true"]),
             Row("ours_s16", "ours + fewer samples 32->16", OURS + ["model.render.samples_per_ray=16"],
                 changes_maths=True),
             Row("ours_term", "ours + early ray termination at transmittance 1e-3 (D-step fakes; within 1e-3)",
@@ -108,6 +110,8 @@ def _grid_gpu() -> Grid:
             Row("ours_bf16_compile", "ours + bf16 + torch.compile(field)", OURS + BF16 + ["train.compile=true"],
                 warmup_extra=3),
             Row("ours_bf16_accum2", "ours + bf16 + grad accumulation 2", OURS + BF16 + ["train.grad_accum_steps=2"]),
+            Row("ours_bf16_skip", "ours + bf16 + a G-step graph only where the density is positive "
+                "(memory.skip_empty_samples; untrained weights)", OURS + BF16 + ["memory.skip_empty_samples=true"]),
             Row("ours_bf16_s32", "ours + bf16 + fewer samples 64->32",
                 OURS + BF16 + ["model.render.samples_per_ray=32"], changes_maths=True),
             Row("ours_bf16_term", "ours + bf16 + early ray termination 1e-3 (D-step fakes; within 1e-3)",
