@@ -588,9 +588,8 @@ def march(
     b, r, s = depths.shape
     n, device = b * r, depths.device
     deltas = _deltas(depths if spacing is None else spacing, directions, segment_end).reshape(n, s)
-    noise = None
-    if noise_std > 0:  # the same draw as composite's (same shape, dtype and generator)
-        noise = torch.randn((b, r, s), generator=generator, device=device, dtype=depths.dtype).reshape(n, s) * noise_std
+    noise = _density_noise(depths, noise_std, generator)  # composite's draw
+    noise = None if noise is None else noise.reshape(n, s)
     t = depths.reshape(n, s)
     o, d = origins.reshape(n, 3), directions.reshape(n, 3)
     view = F.normalize(d, dim=-1)
